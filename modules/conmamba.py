@@ -1,0 +1,143 @@
+"""ConMamba encoder: SpeechBrain's Conformer layer with attention replaced by a (Bi)Mamba mixer.
+
+Layer (conmamba.md 1.1), pre-LayerNorm macaron layout:
+
+    x = x + 0.5 * FFN(x)
+    x = x + Mixer(LayerNorm(x))          # BiMamba; no dropout on this branch, as published
+    x = x + ConvolutionModule(x)         # padded frames masked before the depthwise convolution
+    x = LayerNorm(x + 0.5 * FFN(x))
+
+There is no positional encoding: the scan is order-aware by itself. Unlike the published code, padded
+frames never reach valid ones (length-aware backward scan, masked convolution), so an utterance's
+output does not depend on the rest of its batch.
+"""
+
+import torch
+import torch.nn as nn
+from speechbrain.nnet.attention import PositionalwiseFeedForward
+from speechbrain.nnet.normalization import LayerNorm
+
+from modules.mamba.mamba import Mamba
+from modules.mamba.mamba2 import Mamba2
+
+MIXERS = {"mamba": Mamba, "mamba2": Mamba2}
+
+
+class ConvolutionModule(nn.Module):
+    """Conformer convolution module with padded frames zeroed *before* the depthwise convolution.
+
+    LayerNorm -> pointwise conv (2 * d_model) + GLU -> depthwise conv -> LayerNorm -> activation ->
+    Linear -> Dropout, as in SpeechBrain's Conformer; SpeechBrain 1.1 masks only the output, so
+    padding still leaks into the last valid frames through the kernel. ``causal`` pads on the left.
+    """
+
+    def __init__(self, d_model, kernel_size=31, activation=nn.GELU, dropout=0.0, causal=False):
+        super().__init__()
+        self.left_padding = kernel_size - 1 if causal else (kernel_size - 1) // 2
+        self.right_padding = kernel_size - 1 - self.left_padding
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.pointwise = nn.Conv1d(d_model, 2 * d_model, kernel_size=1)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model)
+        self.after_conv = nn.Sequential(
+            nn.LayerNorm(d_model), activation(), nn.Linear(d_model, d_model), nn.Dropout(dropout)
+        )
+
+    def forward(self, x, padding_mask=None):
+        """x (batch, time, d_model); padding_mask (batch, time) True at padded frames."""
+        out = nn.functional.glu(self.pointwise(self.layer_norm(x).transpose(1, 2)), dim=1)
+        if padding_mask is not None:
+            out = out.masked_fill(padding_mask.unsqueeze(1), 0.0)
+        out = nn.functional.pad(out, (self.left_padding, self.right_padding))
+        return self.after_conv(self.depthwise(out).transpose(1, 2))
+
+
+class ConMambaEncoderLayer(nn.Module):
+    """One ConMamba layer over (batch, time, d_model); see the module docstring.
+
+    ``mamba_config`` is passed to the mixer; its key ``mixer`` ("mamba" or "mamba2") picks the class.
+    With ``causal=True`` the mixer is unidirectional and the convolution module causal.
+    """
+
+    def __init__(self, d_model, d_ffn, kernel_size=31, activation=nn.GELU, dropout=0.0, causal=False, mamba_config=None):
+        super().__init__()
+        config = dict(mamba_config or {})
+        mixer_class = MIXERS[config.pop("mixer", "mamba")]
+        config["bidirectional"] = config.get("bidirectional", True) and not causal
+        self.mixer_norm = LayerNorm(d_model)
+        self.mixer = mixer_class(d_model, **config)
+        self.convolution_module = ConvolutionModule(d_model, kernel_size, activation, dropout, causal)
+        self.ffn_module1, self.ffn_module2 = [
+            nn.Sequential(
+                LayerNorm(d_model),
+                PositionalwiseFeedForward(d_ffn=d_ffn, input_size=d_model, dropout=dropout, activation=activation),
+                nn.Dropout(dropout),
+            )
+            for _ in range(2)
+        ]
+        self.norm = LayerNorm(d_model)
+
+    def forward(self, x, lengths, padding_mask=None):
+        """x (batch, time, d_model); lengths (batch,) valid frames; padding_mask (batch, time) True at pad."""
+        x = x + 0.5 * self.ffn_module1(x)
+        x = x + self.mixer(self.mixer_norm(x), lengths)
+        x = x + self.convolution_module(x, padding_mask)
+        return self.norm(x + 0.5 * self.ffn_module2(x))
+
+
+class ConMambaEncoder(nn.Module):
+    """A stack of :class:`ConMambaEncoderLayer` followed by a LayerNorm.
+
+    ``forward`` has the signature and return value of SpeechBrain's ``ConformerEncoder`` so the two
+    swap in a yaml; ``src_mask`` and ``pos_embs`` are accepted and unused (no attention, no positions).
+
+    ``xavier_init`` reproduces a quirk of the published recipe (conmamba.md 1.2): xavier-normal
+    initialisation of every parameter with more than one dimension, which also overwrites Mamba's
+    ``A_log``. Off by default.
+
+    Example
+    -------
+    >>> encoder = ConMambaEncoder(num_layers=2, d_model=32, d_ffn=64, kernel_size=5)
+    >>> mask = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    >>> encoder(torch.randn(2, 6, 32), src_key_padding_mask=mask)[0].shape
+    torch.Size([2, 6, 32])
+    """
+
+    def __init__(
+        self,
+        num_layers,
+        d_model,
+        d_ffn,
+        kernel_size=31,
+        activation=nn.GELU,
+        dropout=0.0,
+        causal=False,
+        mamba_config=None,
+        xavier_init=False,
+    ):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            ConMambaEncoderLayer(d_model, d_ffn, kernel_size, activation, dropout, causal, mamba_config)
+            for _ in range(num_layers)
+        )
+        self.norm = LayerNorm(d_model, eps=1e-6)
+        if xavier_init:
+            for parameter in self.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_normal_(parameter)
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, pos_embs=None, dynchunktrain_config=None):
+        """src (batch, time, d_model); src_key_padding_mask (batch, time), True at padded frames.
+
+        Returns (output, None) like ``ConformerEncoder`` (which returns attention maps there).
+        """
+        if dynchunktrain_config is not None:
+            raise NotImplementedError("ConMamba has no dynamic-chunk training; use causal=True for streaming.")
+        batch, time, _ = src.shape
+        if src_key_padding_mask is None:
+            lengths = torch.full((batch,), time, device=src.device)
+        else:
+            lengths = (~src_key_padding_mask).sum(dim=1)
+        output = src
+        for layer in self.layers:
+            output = layer(output, lengths, src_key_padding_mask)
+        return self.norm(output), None

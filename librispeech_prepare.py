@@ -1,0 +1,299 @@
+"""Turn a LibriSpeech-style corpus into SpeechBrain CSV manifests.
+
+Expected layout (split names are free, e.g. ``train-clean-100`` or ``train``)::
+
+    <data_folder>/<split>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt
+    <data_folder>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<NNNN>.flac
+
+Each split becomes ``<save_folder>/<split>.csv`` with the columns
+``ID,duration,wav,spk_id,wrd``. The keyword names of ``prepare_librispeech``
+follow SpeechBrain's LibriSpeech recipes, so their yaml files work unchanged.
+
+Example
+-------
+>>> prepare_librispeech(
+...     "LibriSpeech", "results/data",
+...     tr_splits=["train-clean-100"], dev_splits=["dev-clean"],
+...     te_splits=["test-clean"],
+... )  # doctest: +SKIP
+"""
+
+import argparse
+import csv
+import glob
+import json
+import logging
+import multiprocessing
+import os
+
+import soundfile
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+CSV_HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
+OPTIONS_FILE = "librispeech_prepare.json"
+# Below this many files, a process pool costs more than it saves.
+PARALLEL_MIN_FILES = 2000
+
+
+class DataPreparationError(ValueError):
+    """The corpus on disk cannot be turned into manifests as it is."""
+
+
+def prepare_librispeech(
+    data_folder,
+    save_folder,
+    tr_splits=(),
+    dev_splits=(),
+    te_splits=(),
+    select_n_sentences=None,
+    merge_lst=(),
+    merge_name=None,
+    skip_prep=False,
+):
+    """Write one CSV manifest per split, and optionally their concatenation.
+
+    Arguments
+    ---------
+    data_folder : str
+        Folder holding the split folders (e.g. ``.../LibriSpeech``).
+    save_folder : str
+        Where the CSV files (and a record of the options used) are written.
+    tr_splits, dev_splits, te_splits : list of str
+        Split folder names; the three lists are treated alike.
+    select_n_sentences : int or list of int or None
+        Keep only the first N utterances of each split (one entry per split,
+        in the order tr, dev, te; None keeps all). Handy for quick debugging.
+    merge_lst : list of str
+        Splits whose CSVs are concatenated into ``merge_name``.
+    merge_name : str
+        Name of the merged CSV (``.csv`` is appended unless already there).
+    skip_prep : bool
+        If True, do nothing (the CSVs are expected to exist).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``data_folder`` or a split folder does not exist.
+    DataPreparationError
+        If a transcript or audio file is missing, empty, unreadable or not
+        sampled at 16 kHz; the message names the file and how to fix it.
+    """
+    if skip_prep:
+        return
+    splits = list(tr_splits) + list(dev_splits) + list(te_splits)
+    n_sentences = _per_split(select_n_sentences, splits)
+    merge_lst = list(merge_lst)
+    merge_csv = _merge_csv_name(merge_lst, merge_name, splits)
+
+    options = {
+        "data_folder": os.path.abspath(data_folder),
+        "splits": splits,
+        "select_n_sentences": n_sentences,
+        "merge_lst": merge_lst,
+        "merge_name": merge_csv,
+    }
+    csv_names = [f"{split}.csv" for split in splits]
+    if merge_csv:
+        csv_names.append(merge_csv)
+    if _already_done(save_folder, csv_names, options):
+        logger.info("Manifests in %s are up to date, skipping.", save_folder)
+        return
+
+    _check_split_folders(data_folder, splits)
+    os.makedirs(save_folder, exist_ok=True)
+    # Forget the previous options first: a rebuild stopped half way must not
+    # leave old CSVs next to a record saying they match.
+    options_path = os.path.join(save_folder, OPTIONS_FILE)
+    if os.path.exists(options_path):
+        os.remove(options_path)
+
+    rows = {}
+    for split, n in zip(splits, n_sentences):
+        rows[split] = _split_rows(os.path.join(data_folder, split), n)
+        _write_csv(os.path.join(save_folder, f"{split}.csv"), rows[split])
+        hours = sum(row[1] for row in rows[split]) / 3600
+        logger.info("%s: %d utterances, %.2f hours.", split, len(rows[split]), hours)
+
+    if merge_csv:
+        merged = [row for split in merge_lst for row in rows[split]]
+        _write_csv(os.path.join(save_folder, merge_csv), merged)
+        logger.info("%s: merged %s.", merge_csv, ", ".join(merge_lst))
+
+    _atomic_write(options_path, lambda f: json.dump(options, f, indent=2))
+
+
+def _per_split(select_n_sentences, splits):
+    """Return one sentence limit (or None) per split."""
+    if select_n_sentences is None or isinstance(select_n_sentences, int):
+        return [select_n_sentences] * len(splits)
+    limits = list(select_n_sentences)
+    if len(limits) != len(splits):
+        raise ValueError(
+            f"select_n_sentences has {len(limits)} entries but there are "
+            f"{len(splits)} splits ({', '.join(splits)}): give one per split."
+        )
+    return limits
+
+
+def _merge_csv_name(merge_lst, merge_name, splits):
+    """Check the merge options and return the merged CSV's file name."""
+    if not merge_lst:
+        return None
+    if not merge_name:
+        raise ValueError("merge_lst is given but merge_name is not.")
+    unknown = [split for split in merge_lst if split not in splits]
+    if unknown:
+        raise ValueError(
+            f"merge_lst names {', '.join(unknown)}, which are not among the "
+            f"splits to prepare ({', '.join(splits)})."
+        )
+    return merge_name if merge_name.endswith(".csv") else f"{merge_name}.csv"
+
+
+def _already_done(save_folder, csv_names, options):
+    """True if every CSV exists and was built with the same options."""
+    options_path = os.path.join(save_folder, OPTIONS_FILE)
+    if not os.path.isfile(options_path):
+        return False
+    if not all(os.path.isfile(os.path.join(save_folder, name)) for name in csv_names):
+        return False
+    with open(options_path, encoding="utf-8") as f:
+        try:
+            return json.load(f) == options
+        except json.JSONDecodeError:
+            return False
+
+
+def _check_split_folders(data_folder, splits):
+    """Fail early, listing what exists, if a folder is missing."""
+    if not os.path.isdir(data_folder):
+        raise FileNotFoundError(
+            f"LibriSpeech data folder {data_folder} does not exist: set "
+            "data_folder to the folder that holds the split folders."
+        )
+    for split in splits:
+        split_folder = os.path.join(data_folder, split)
+        if not os.path.isdir(split_folder):
+            existing = sorted(
+                name
+                for name in os.listdir(data_folder)
+                if os.path.isdir(os.path.join(data_folder, name))
+            )
+            raise FileNotFoundError(
+                f"Split folder {split_folder} does not exist. Split folders "
+                f"in {data_folder}: {', '.join(existing) or 'none'}."
+            )
+
+
+def _split_rows(split_folder, n_sentences=None):
+    """Return the manifest rows ``[ID, duration, wav, spk_id, wrd]`` of a split."""
+    pattern = os.path.join(split_folder, "*", "*", "*.trans.txt")
+    trans_files = sorted(glob.glob(pattern))
+    if not trans_files:
+        raise DataPreparationError(
+            f"No transcript found in {split_folder} (looked for {pattern}): "
+            "is it a LibriSpeech split folder?"
+        )
+
+    utterances = []
+    for trans_file in trans_files:
+        utterances.extend(_read_transcripts(trans_file))
+    if n_sentences is not None:
+        utterances = utterances[:n_sentences]
+
+    durations = _read_durations([wav for _, wav, _, _ in utterances])
+    return [
+        [utt_id, duration, wav, spk_id, words]
+        for (utt_id, wav, spk_id, words), duration in zip(utterances, durations)
+    ]
+
+
+def _read_transcripts(trans_file):
+    """Return ``(ID, wav, spk_id, wrd)`` for each line of a chapter transcript."""
+    chapter_folder = os.path.dirname(os.path.abspath(trans_file))
+    spk_id = os.path.basename(os.path.dirname(chapter_folder))
+    utterances = []
+    with open(trans_file, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            utt_id, _, words = line.strip().partition(" ")
+            words = words.strip()
+            if not words:
+                raise DataPreparationError(
+                    f"Empty transcript for {utt_id} in {trans_file}, line "
+                    f"{line_number}: add the text or remove the line."
+                )
+            wav = os.path.join(chapter_folder, f"{utt_id}.flac")
+            if not os.path.isfile(wav):
+                raise DataPreparationError(
+                    f"{trans_file}, line {line_number}: audio file {wav} is "
+                    "missing. Restore it or remove the line."
+                )
+            utterances.append((utt_id, wav, spk_id, words))
+    return utterances
+
+
+def _read_durations(wavs):
+    """Return the durations of ``wavs`` in seconds, in parallel for big corpora."""
+    processes = min(os.cpu_count() or 1, len(wavs) // PARALLEL_MIN_FILES)
+    if processes < 2:
+        return [_read_duration(wav) for wav in wavs]
+    with multiprocessing.Pool(processes) as pool:
+        return pool.map(_read_duration, wavs, chunksize=256)
+
+
+def _read_duration(wav):
+    """Return the duration of one audio file, checking it is readable 16 kHz audio."""
+    try:
+        info = soundfile.info(wav)
+    except RuntimeError as error:
+        raise DataPreparationError(
+            f"Cannot read audio file {wav} ({error}): replace it with a valid "
+            "FLAC file or remove its transcript line."
+        ) from None
+    if info.samplerate != SAMPLE_RATE:
+        raise DataPreparationError(
+            f"Audio file {wav} is sampled at {info.samplerate} Hz, not "
+            f"{SAMPLE_RATE} Hz: resample it, e.g. sox in.flac -r 16000 out.flac."
+        )
+    return info.frames / info.samplerate
+
+
+def _write_csv(path, rows):
+    """Write a manifest with its header."""
+
+    def write(f):
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows)
+
+    _atomic_write(path, write)
+
+
+def _atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file, then rename it to ``path``.
+
+    An interrupted run thus never leaves a half-written file under ``path``.
+    """
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "w", newline="", encoding="utf-8") as f:
+        write(f)
+    os.replace(tmp_path, path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data_folder", help="folder holding the split folders")
+    parser.add_argument("save_folder", help="where to write the CSV files")
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        required=True,
+        help="split folders to prepare, e.g. train-clean-100 dev-clean",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prepare_librispeech(args.data_folder, args.save_folder, tr_splits=args.splits)

@@ -1,0 +1,6 @@
+"""Shared pytest setup: make the repository root importable from any directory."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

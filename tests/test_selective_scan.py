@@ -105,4 +105,6 @@ def test_ssd_scan_matches_per_head_reference(device):
     ref = torch.stack(ref, dim=2)
     args = [t.float().to(device) for t in (x, dt, A, B, C)]
     out = ssd_scan(*args, D=D.float().to(device), dt_bias=dt_bias.float().to(device), chunk_size=16)
-    assert relative_error(out.cpu(), ref) < 1e-5
+    # The Triton SSD kernels multiply float32 tiles in TF32 (about 3 decimal digits), so on the GPU
+    # the bound is TF32's; the PyTorch back-end is held to float32's.
+    assert relative_error(out.cpu(), ref) < (5e-3 if device == "cuda" else 1e-5)

@@ -8,12 +8,17 @@ own ``conv1d_b, x_proj_b, dt_proj_b, A_log_b, D_b``, and the two directions are 
 Both directions run as *one* scan: the backward input is reversed inside each utterance's length
 (:mod:`.reverse`), stacked after the forward channels, and B/C enter as two groups. Gating by
 SiLU(z) commutes with that reversal, so it is applied once, after the directions are combined.
+
+The unidirectional mixer also decodes recurrently, like ``mamba_ssm``: :meth:`Mamba.allocate_inference_cache`
+makes a (conv_state, ssm_state) pair, ``forward(..., cache=...)`` scans a prefix in parallel from it and
+leaves each row's state after its own last valid frame there, and :meth:`Mamba.step` adds one token in O(1).
 """
 
 import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .conv import causal_conv1d_silu
 from .reverse import reversal_index, reverse_time
@@ -102,8 +107,14 @@ class Mamba(nn.Module):
             tensors = [getattr(t, attribute) for t in tensors]
         return torch.stack(tensors)
 
-    def forward(self, hidden, lengths=None):
-        """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional."""
+    def forward(self, hidden, lengths=None, cache=None):
+        """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional.
+
+        ``cache``: a (conv_state, ssm_state) pair (unidirectional mixer only) to continue from; see
+        :meth:`_forward_from_cache`. Returns (batch, time, d_model).
+        """
+        if cache is not None:
+            return self._forward_from_cache(hidden, lengths, cache)
         batch, time, _ = hidden.shape
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, time) each
         if self.bidirectional:
@@ -137,3 +148,91 @@ class Mamba(nn.Module):
             y = 0.5 * (y_forward + reverse_time(y_backward, index, dim=2))
         y = y * nn.functional.silu(z)
         return self.out_proj(y.transpose(1, 2))
+
+    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+        """Zero states for recurrent decoding, as in ``mamba_ssm``.
+
+        Returns conv_state (batch, d_inner, d_conv), the last d_conv inputs of the convolution (newest
+        last), in the convolution's dtype; and ssm_state (batch, d_inner, d_state) in ``dt_proj``'s dtype
+        (float32 under mixed precision) unless ``dtype`` is given.
+        """
+        self._check_unidirectional()
+        device = device or self.conv1d.weight.device
+        d_conv = self.conv1d.weight.shape[-1]
+        conv_state = torch.zeros(
+            batch_size, self.d_inner, d_conv, dtype=dtype or self.conv1d.weight.dtype, device=device
+        )
+        ssm_state = torch.zeros(
+            batch_size, self.d_inner, self.d_state, dtype=dtype or self.dt_proj.weight.dtype, device=device
+        )
+        return conv_state, ssm_state
+
+    def _forward_from_cache(self, hidden, lengths, cache):
+        """Scans a whole chunk in parallel starting from ``cache``, then overwrites the cache in place.
+
+        Per-row lengths are exact: padded frames get step size 0, an identity step of the recurrence
+        (decay exp(0 * A) = 1, no input), and the conv_state is gathered at each row's last valid frame,
+        so the cache holds every row's state after its own valid frames. Meant for inference: the
+        in-place update is not differentiable.
+        """
+        self._check_unidirectional()
+        conv_state, ssm_state = cache
+        batch, time, _ = hidden.shape
+        d_conv = conv_state.shape[-1]
+        if lengths is None:
+            lengths = torch.full((batch,), time, device=hidden.device)
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, time) each
+
+        history = torch.cat([conv_state.to(x.dtype), x], dim=2)  # cached inputs, then the new ones
+        window = lengths[:, None] + torch.arange(d_conv, device=x.device)  # ends at the last valid frame
+        new_conv_state = history.gather(2, window[:, None, :].expand(-1, self.d_inner, -1))
+        x = causal_conv1d_silu(history[..., 1:], self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        x = x[..., d_conv - 1 :]
+
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # (batch, d_inner, time)
+        valid = torch.arange(time, device=x.device) < lengths[:, None]
+        delta = delta * valid[:, None, :]
+        y, last_state = selective_scan(
+            x,
+            delta,
+            -torch.exp(self.A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=self.D.float(),
+            z=z,
+            initial_state=ssm_state,
+            return_last_state=True,
+        )
+        conv_state.copy_(new_conv_state)
+        ssm_state.copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, hidden, cache):
+        """Adds one token: hidden (batch, 1, d_model) -> (batch, 1, d_model), updating ``cache`` in place.
+
+        The cost is O(1) in the length of what came before: roll the convolution window, then one
+        step of the recurrence h = exp(delta * A) * h + delta * B * x.
+        """
+        self._check_unidirectional()
+        conv_state, ssm_state = cache
+        x, z = self.in_proj(hidden.squeeze(1)).chunk(2, dim=-1)  # (batch, d_inner) each
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = (conv_state * self.conv1d.weight.squeeze(1)).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))  # (batch, d_inner)
+        decay = torch.exp(delta[..., None] * -torch.exp(self.A_log.float()))
+        ssm_state.copy_(decay * ssm_state + (delta * x)[..., None] * B[:, None, :])
+        y = torch.einsum("bdn,bn->bd", ssm_state, C.to(ssm_state.dtype)) + self.D.float() * x
+        y = y * F.silu(z)
+        return self.out_proj(y.to(hidden.dtype)).unsqueeze(1)
+
+    def _check_unidirectional(self):
+        """Recurrent decoding needs a causal mixer: a backward direction would read the future."""
+        if self.bidirectional:
+            raise ValueError("recurrent inference needs a unidirectional Mamba (bidirectional=False)")

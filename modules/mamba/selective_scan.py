@@ -66,49 +66,54 @@ def _as_groups(BC):
     return BC.unsqueeze(1) if BC.dim() == 3 else BC
 
 
-def _discretize(u, delta, A, B, delta_bias, delta_softplus):
-    """Returns step sizes (batch, dim, time) and, time-major (time, batch, dim, state),
-    the decays exp(delta*A) and the inputs delta*B*u, built by broadcasting (no big transposes)."""
+def _time_major(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Step sizes (batch, dim, time) and the small time-major tensors the chunk loop slices.
+
+    Returns delta, delta (time, batch, dim), delta*u (time, batch, groups, dim/groups) and B, C
+    (time, batch, groups, state).
+    """
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, time = u.shape
-    groups, state = B.shape[1], B.shape[2]
-    decay = torch.exp(delta.permute(2, 0, 1).contiguous()[..., None] * A)
-    delta_u = (delta * u).permute(2, 0, 1).reshape(time, batch, groups, dim // groups, 1)
-    drive = delta_u * B.permute(3, 0, 1, 2).contiguous()[:, :, :, None, :]
-    return delta, decay.contiguous(), drive.reshape(time, batch, dim, state).contiguous()
+    groups = B.shape[1]
+    delta_t = delta.permute(2, 0, 1).contiguous()
+    delta_u_t = (delta * u).permute(2, 0, 1).reshape(time, batch, groups, dim // groups).contiguous()
+    B_t = B.permute(3, 0, 1, 2).contiguous()
+    C_t = C.permute(3, 0, 1, 2).contiguous()
+    return delta, delta_t, delta_u_t, B_t, C_t
 
 
-def _contract_C(states, C):
-    """sum_n states[t, b, d, n] * C[b, g(d), n, t] -> (batch, dim, time)."""
-    time, batch, dim, state = states.shape
-    groups = C.shape[1]
-    states = states.view(time * batch * groups, dim // groups, state)
-    C = C.permute(3, 0, 1, 2).reshape(time * batch * groups, state, 1)
-    return torch.bmm(states, C).view(time, batch, dim).permute(1, 2, 0)
+def _chunk_states(A, delta_t, delta_u_t, B_t, h):
+    """Every state of one chunk of time, starting after state ``h`` (batch, dim, state).
+
+    Returns decay = exp(delta*A) and the states, both (chunk, batch, dim, state); the states are
+    written over the inputs delta*B*u, one fused multiply-add per step.
+    """
+    time, batch, groups, per_group = delta_u_t.shape
+    decay = torch.exp(delta_t[..., None] * A)
+    states = (delta_u_t[..., None] * B_t[:, :, :, None, :]).view(time, batch, groups * per_group, -1)
+    for t in range(time):
+        h = torch.addcmul(states[t], decay[t], h, out=states[t])
+    return decay, states
 
 
 class SelectiveScanTorch(torch.autograd.Function):
     """Pure-PyTorch selective scan with an explicit backward pass (any device, float32/64).
 
-    Inputs are upcast to float32 (or kept in float64) like the CUDA kernel, which also keeps its
-    state in float32 under bf16 autocast; the output has the dtype of ``u``.
+    Time is cut in chunks small enough for the CPU caches; within a chunk the recurrence is one
+    fused multiply-add per step. Only the state entering each chunk is kept for the backward pass,
+    which recomputes a chunk's states and runs the adjoint recurrence backwards in time. Inputs are
+    computed in float32 (float64 stays float64), like the CUDA kernel under bf16 autocast; the
+    output has the dtype of ``u``.
     """
 
+    CHUNK_ELEMENTS = 2**20  # chunk length * batch * dim * state: about 4 MB of float32
+
     @staticmethod
-    def _scan(decay, drive, h0):
-        """h_t = decay_t * h_{t-1} + drive_t for all t: returns every state (time, batch, dim, state)."""
-        states = torch.empty_like(drive, memory_format=torch.contiguous_format)
-        h = h0
-        for t in range(drive.shape[0]):
-            if h is None:
-                states[t] = drive[t]
-            else:
-                torch.addcmul(drive[t], decay[t], h, out=states[t])
-            h = states[t]
-        return states
+    def _chunk_length(batch, dim, state):
+        return max(1, SelectiveScanTorch.CHUNK_ELEMENTS // (batch * dim * state))
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
@@ -117,18 +122,33 @@ class SelectiveScanTorch(torch.autograd.Function):
         cast = lambda t: None if t is None else t.to(compute)  # noqa: E731
         u_, delta_, A_, D_, z_, bias_, h0 = map(cast, (u, delta, A, D, z, delta_bias, initial_state))
         B_, C_ = cast(_as_groups(B)), cast(_as_groups(C))
+        batch, dim, time = u.shape
+        groups, state = B_.shape[1], B_.shape[2]
         with torch.no_grad(), torch.autocast(u.device.type, enabled=False):
-            _, decay, drive = _discretize(u_, delta_, A_, B_, bias_, delta_softplus)
-            states = SelectiveScanTorch._scan(decay, drive, h0)
-            y = _contract_C(states, C_)
+            delta_sp, delta_t, delta_u_t, B_t, C_t = _time_major(u_, delta_, A_, B_, C_, bias_, delta_softplus)
+            h = h0 if h0 is not None else u_.new_zeros(batch, dim, state)
+            chunk = SelectiveScanTorch._chunk_length(batch, dim, state)
+            y_t = u_.new_empty(time, batch, dim)
+            chunk_starts = []
+            for start in range(0, time, chunk):
+                end = min(start + chunk, time)
+                chunk_starts.append(h)
+                _, states = _chunk_states(A_, delta_t[start:end], delta_u_t[start:end], B_t[start:end], h)
+                h = states[-1].clone()
+                y_t[start:end] = torch.matmul(
+                    states.view(end - start, batch, groups, dim // groups, state), C_t[start:end, ..., None]
+                ).view(end - start, batch, dim)
+            y = y_t.permute(1, 2, 0)
             if D_ is not None:
                 y = y + D_[:, None] * u_
             out = y * F.silu(z_) if z_ is not None else y
         ctx.delta_softplus = delta_softplus
+        ctx.chunk = chunk
         ctx.B_was_grouped, ctx.C_was_grouped = B.dim() == 4, C.dim() == 4
         ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
-        ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, h0)
-        return out.to(in_dtype), states[-1].to(in_dtype)
+        ctx.has_h0 = h0 is not None
+        ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, y, torch.stack(chunk_starts))
+        return out.to(in_dtype), h.to(in_dtype)
 
     @staticmethod
     def backward(ctx, grad_out, grad_last_state):
@@ -137,13 +157,12 @@ class SelectiveScanTorch(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out, grad_last_state):
-        u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, y, chunk_starts = ctx.saved_tensors
         grad_out = grad_out.to(u.dtype)
-        delta_sp, decay, drive = _discretize(u, delta, A, B, delta_bias, ctx.delta_softplus)
-        states = SelectiveScanTorch._scan(decay, drive, h0)
-        y = _contract_C(states, C)
-        if D is not None:
-            y = y + D[:, None] * u
+        batch, dim, time = u.shape
+        groups, state = B.shape[1], B.shape[2]
+        per_group = dim // groups
+        delta_sp, delta_t, delta_u_t, B_t, C_t = _time_major(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
 
         grad_z = None
         if z is not None:
@@ -151,48 +170,56 @@ class SelectiveScanTorch(torch.autograd.Function):
             grad_z = grad_out * y * sig * (1 + z * (1 - sig))
             grad_out = grad_out * z * sig
         grad_D = (grad_out * u).sum((0, 2)) if D is not None else None
-        grad_u = grad_out * D[:, None] if D is not None else torch.zeros_like(u)
+        grad_y_t = grad_out.permute(2, 0, 1).reshape(time, batch, groups, per_group).contiguous()
 
-        # dL/dh_t, accumulated backwards in time: g_t = C_t * dy_t + decay_{t+1} * g_{t+1}
-        time, batch, dim, state = states.shape
-        groups, per_group = C.shape[1], dim // C.shape[1]
-        grad_y = grad_out.permute(2, 0, 1).reshape(time, batch, groups, per_group, 1)
-        C_t = C.permute(3, 0, 1, 2)[:, :, :, None, :]  # (time, batch, groups, 1, state)
-        grad_states = (grad_y * C_t).view(time, batch, dim, state)
-        grad_C = torch.matmul(
-            grad_y.transpose(-1, -2), states.view(time, batch, groups, per_group, state)
-        ).squeeze(-2).permute(1, 2, 3, 0)
-        if grad_last_state is not None:
-            grad_states[-1] += grad_last_state.to(u.dtype)
-        for t in range(time - 2, -1, -1):
-            grad_states[t].addcmul_(decay[t + 1], grad_states[t + 1])
+        # Adjoint recurrence, chunks in reverse: g_t = C_t * dy_t + decay_{t+1} * g_{t+1}
+        grad_delta_t = torch.empty_like(delta_t)  # through the decays
+        grad_delta_u_t = torch.empty_like(delta_t)  # through the inputs delta*u*B
+        grad_B_t, grad_C_t = torch.empty_like(B_t), torch.empty_like(C_t)
+        grad_A = torch.zeros_like(A)
+        carry = grad_last_state.to(u.dtype) if grad_last_state is not None else None
+        for index in range(len(chunk_starts) - 1, -1, -1):
+            start = index * ctx.chunk
+            end = min(start + ctx.chunk, time)
+            length = end - start
+            h_start = chunk_starts[index]
+            decay, states = _chunk_states(A, delta_t[start:end], delta_u_t[start:end], B_t[start:end], h_start)
+            grad_y = grad_y_t[start:end]
+            grad_states = (grad_y[..., None] * C_t[start:end, :, :, None, :]).view(length, batch, dim, state)
+            if carry is not None:
+                grad_states[-1] += carry
+            for t in range(length - 2, -1, -1):
+                grad_states[t].addcmul_(decay[t + 1], grad_states[t + 1])
+            carry = decay[0] * grad_states[0]  # dL/dh before this chunk
 
-        # h_t = decay_t * h_{t-1} + drive_t: gradients of decay_t = exp(delta_t*A) and drive_t
-        grad_h0 = decay[0] * grad_states[0] if h0 is not None else None
-        grad_log_decay = decay  # reused in place: dL/d(delta*A) = g_t * h_{t-1} * decay_t
-        grad_log_decay[1:] *= states[:-1]
-        if h0 is not None:
-            grad_log_decay[0] *= h0
-        else:
-            grad_log_decay[0] = 0
-        grad_log_decay *= grad_states
-        B_t = B.permute(3, 0, 1, 2)[:, :, :, None, :]
-        grad_delta_u = (grad_states.view(time, batch, groups, per_group, state) * B_t).sum(-1)
-        grad_delta_u = grad_delta_u.reshape(time, batch, dim).permute(1, 2, 0)  # dL/d(delta*u)
-        grad_delta = torch.einsum("lbdn,dn->bdl", grad_log_decay, A) + grad_delta_u * u
-        grad_u = grad_u + grad_delta_u * delta_sp
-        grad_A = torch.einsum("lbdn,bdl->dn", grad_log_decay, delta_sp)
-        delta_u = (delta_sp * u).permute(2, 0, 1).reshape(time, batch, groups, 1, per_group)
-        grad_B = torch.matmul(delta_u, grad_states.view(time, batch, groups, per_group, state))
-        grad_B = grad_B.squeeze(-2).permute(1, 2, 3, 0)
+            grouped_states = states.view(length, batch, groups, per_group, state)
+            grouped_grads = grad_states.view(length, batch, groups, per_group, state)
+            grad_C_t[start:end] = torch.matmul(grad_y[:, :, :, None, :], grouped_states).squeeze(-2)
+            grad_B_t[start:end] = torch.matmul(delta_u_t[start:end, :, :, None, :], grouped_grads).squeeze(-2)
+            grad_delta_u_t[start:end] = torch.matmul(grouped_grads, B_t[start:end, ..., None]).view(length, batch, dim)
+            # dL/d(delta*A) = g_t * h_{t-1} * decay_t, built in place of the decays
+            grad_log_decay = decay.mul_(grad_states)
+            grad_log_decay[1:] *= states[:-1]
+            grad_log_decay[0] *= h_start
+            grad_A += (grad_log_decay * delta_t[start:end, ..., None]).sum((0, 1))
+            grad_delta_t[start:end] = grad_log_decay.mul_(A).sum(-1)
+
+        grad_delta_u = grad_delta_u_t.permute(1, 2, 0)
+        grad_delta = grad_delta_t.permute(1, 2, 0) + grad_delta_u * u
+        grad_u = grad_delta_u * delta_sp
+        if D is not None:
+            grad_u = grad_u + grad_out * D[:, None]
         if ctx.delta_softplus:
             pre = delta + delta_bias[:, None] if delta_bias is not None else delta
             grad_delta = grad_delta * torch.sigmoid(pre)
         grad_bias = grad_delta.sum((0, 2)) if delta_bias is not None else None
+        grad_B = grad_B_t.permute(1, 2, 3, 0)
+        grad_C = grad_C_t.permute(1, 2, 3, 0)
         if not ctx.B_was_grouped:
             grad_B = grad_B.squeeze(1)
         if not ctx.C_was_grouped:
             grad_C = grad_C.squeeze(1)
+        grad_h0 = carry if ctx.has_h0 else None
 
         grads = (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_h0)
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]

@@ -3,7 +3,8 @@
 Parameter names follow ``mamba_ssm.modules.mamba_simple.Mamba`` (``in_proj, conv1d, x_proj, dt_proj,
 A_log, D, out_proj``) so that weights interchange. The bidirectional mixer is the "BiMamba v2" of
 ConMamba (conmamba.md 1.2): ``in_proj`` and ``out_proj`` are shared, the backward direction has its
-own ``conv1d_b, x_proj_b, dt_proj_b, A_log_b, D_b``, and the two directions are averaged.
+own ``conv1d_b, x_proj_b, dt_proj_b, A_log_b, D_b``, and the two directions are averaged (or summed,
+``combine``).
 
 Both directions run as *one* scan: the backward input is reversed inside each utterance's length
 (:mod:`.reverse`), stacked after the forward channels, and B/C enter as two groups. Gating by
@@ -48,6 +49,9 @@ class Mamba(nn.Module):
     default_init_backward_dt : bool
         Paper quirk (conmamba.md 1.2): leave ``dt_proj_b`` at PyTorch's default Linear init, as the
         published code does, instead of Mamba's step-size init. Off by default.
+    combine : "mean" or "sum"
+        How the two directions are combined before ``out_proj``: ConMamba averages them
+        (conmamba.md 1.2), MADEON's speech-prefixing mixer sums them (madeon.md 2.2).
 
     Example
     -------
@@ -70,8 +74,12 @@ class Mamba(nn.Module):
         bias=False,
         bidirectional=False,
         default_init_backward_dt=False,
+        combine="mean",
     ):
         super().__init__()
+        if combine not in ("mean", "sum"):
+            raise ValueError(f"combine must be 'mean' or 'sum', not {combine!r}")
+        self.combine = combine
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
@@ -107,21 +115,24 @@ class Mamba(nn.Module):
             tensors = [getattr(t, attribute) for t in tensors]
         return torch.stack(tensors)
 
-    def forward(self, hidden, lengths=None, cache=None):
+    def forward(self, hidden, lengths=None, cache=None, reverse_index=None):
         """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional.
 
         ``cache``: a (conv_state, ssm_state) pair (unidirectional mixer only) to continue from; see
-        :meth:`_forward_from_cache`. Returns (batch, time, d_model).
+        :meth:`_forward_from_cache`. ``reverse_index`` (batch, time): the self-inverse time gather
+        that feeds the backward direction, instead of reversing each row inside ``lengths`` (MADEON
+        reverses only the speech prefix, madeon.md 2.1). Returns (batch, time, d_model).
         """
         if cache is not None:
             return self._forward_from_cache(hidden, lengths, cache)
         batch, time, _ = hidden.shape
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, time) each
         if self.bidirectional:
-            if lengths is None:
-                lengths = torch.full((batch,), time, device=hidden.device)
-            index = reversal_index(lengths, time)
-            x = torch.cat([x, reverse_time(x, index, dim=2)], dim=1)
+            if reverse_index is None:
+                if lengths is None:
+                    lengths = torch.full((batch,), time, device=hidden.device)
+                reverse_index = reversal_index(lengths, time)
+            x = torch.cat([x, reverse_time(x, reverse_index, dim=2)], dim=1)
 
         directions = len(self.suffixes)
         conv_weight = self._stacked("conv1d", "weight").view(directions * self.d_inner, -1)
@@ -145,7 +156,9 @@ class Mamba(nn.Module):
         )
         if self.bidirectional:
             y_forward, y_backward = y.chunk(2, dim=1)
-            y = 0.5 * (y_forward + reverse_time(y_backward, index, dim=2))
+            y = y_forward + reverse_time(y_backward, reverse_index, dim=2)
+            if self.combine == "mean":
+                y = 0.5 * y
         y = y * nn.functional.silu(z)
         return self.out_proj(y.transpose(1, 2))
 
@@ -170,67 +183,76 @@ class Mamba(nn.Module):
     def _forward_from_cache(self, hidden, lengths, cache):
         """Scans a whole chunk in parallel starting from ``cache``, then overwrites the cache in place.
 
-        Per-row lengths are exact: padded frames get step size 0, an identity step of the recurrence
-        (decay exp(0 * A) = 1, no input), and the conv_state is gathered at each row's last valid frame,
-        so the cache holds every row's state after its own valid frames. Meant for inference: the
-        in-place update is not differentiable.
+        Per-row lengths are exact (see :meth:`_scan_from_cache`). Meant for inference: the in-place
+        update is not differentiable.
         """
         self._check_unidirectional()
-        conv_state, ssm_state = cache
         batch, time, _ = hidden.shape
-        d_conv = conv_state.shape[-1]
         if lengths is None:
             lengths = torch.full((batch,), time, device=hidden.device)
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, time) each
+        y = self._scan_from_cache(x, lengths, *cache)
+        return self.out_proj((y * F.silu(z)).transpose(1, 2))
 
+    def _scan_from_cache(self, x, lengths, conv_state, ssm_state, suffix=""):
+        """Convolution and scan of one direction (``suffix`` "" or "_b") over x (batch, d_inner, time).
+
+        Padded frames get step size 0, an identity step of the recurrence (decay exp(0 * A) = 1, no
+        input), and the conv_state is gathered at each row's last valid frame, so the states hold
+        every row's state after its own valid frames. Returns y (batch, d_inner, time), before gating.
+        """
+        conv1d, x_proj, dt_proj = (getattr(self, name + suffix) for name in ("conv1d", "x_proj", "dt_proj"))
+        time, d_conv = x.shape[-1], conv_state.shape[-1]
         history = torch.cat([conv_state.to(x.dtype), x], dim=2)  # cached inputs, then the new ones
         window = lengths[:, None] + torch.arange(d_conv, device=x.device)  # ends at the last valid frame
         new_conv_state = history.gather(2, window[:, None, :].expand(-1, self.d_inner, -1))
-        x = causal_conv1d_silu(history[..., 1:], self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        x = causal_conv1d_silu(history[..., 1:], conv1d.weight.squeeze(1), conv1d.bias)
         x = x[..., d_conv - 1 :]
 
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # (batch, d_inner, time)
+        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(dt_proj(dt)).transpose(1, 2)  # (batch, d_inner, time)
         valid = torch.arange(time, device=x.device) < lengths[:, None]
         delta = delta * valid[:, None, :]
         y, last_state = selective_scan(
             x,
             delta,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(getattr(self, "A_log" + suffix).float()),
             B.transpose(1, 2),
             C.transpose(1, 2),
-            D=self.D.float(),
-            z=z,
+            D=getattr(self, "D" + suffix).float(),
             initial_state=ssm_state,
             return_last_state=True,
         )
         conv_state.copy_(new_conv_state)
         ssm_state.copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))
+        return y
 
     def step(self, hidden, cache):
         """Adds one token: hidden (batch, 1, d_model) -> (batch, 1, d_model), updating ``cache`` in place.
 
-        The cost is O(1) in the length of what came before: roll the convolution window, then one
-        step of the recurrence h = exp(delta * A) * h + delta * B * x.
+        The cost is O(1) in the length of what came before (see :meth:`_step_direction`).
         """
         self._check_unidirectional()
-        conv_state, ssm_state = cache
         x, z = self.in_proj(hidden.squeeze(1)).chunk(2, dim=-1)  # (batch, d_inner) each
+        y = self._step_direction(x, *cache) * F.silu(z)
+        return self.out_proj(y.to(hidden.dtype)).unsqueeze(1)
+
+    def _step_direction(self, x, conv_state, ssm_state, suffix=""):
+        """One recurrent step of one direction for x (batch, d_inner): roll the convolution window,
+        then h = exp(delta * A) * h + delta * B * x. Returns y (batch, d_inner), before gating."""
+        conv1d, x_proj, dt_proj = (getattr(self, name + suffix) for name in ("conv1d", "x_proj", "dt_proj"))
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
-        x = (conv_state * self.conv1d.weight.squeeze(1)).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
+        x = (conv_state * conv1d.weight.squeeze(1)).sum(-1)
+        if conv1d.bias is not None:
+            x = x + conv1d.bias
         x = F.silu(x)
 
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt))  # (batch, d_inner)
-        decay = torch.exp(delta[..., None] * -torch.exp(self.A_log.float()))
+        dt, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(dt_proj(dt))  # (batch, d_inner)
+        decay = torch.exp(delta[..., None] * -torch.exp(getattr(self, "A_log" + suffix).float()))
         ssm_state.copy_(decay * ssm_state + (delta * x)[..., None] * B[:, None, :])
-        y = torch.einsum("bdn,bn->bd", ssm_state, C.to(ssm_state.dtype)) + self.D.float() * x
-        y = y * F.silu(z)
-        return self.out_proj(y.to(hidden.dtype)).unsqueeze(1)
+        return torch.einsum("bdn,bn->bd", ssm_state, C.to(ssm_state.dtype)) + getattr(self, "D" + suffix).float() * x
 
     def _check_unidirectional(self):
         """Recurrent decoding needs a causal mixer: a backward direction would read the future."""

@@ -5,10 +5,15 @@ norm, out_proj``). Bidirectional: ``in_proj``/``out_proj`` (hence z, x, B, C and
 backward direction owns ``conv1d_b, dt_bias_b, A_log_b, D_b`` (the parallel speech-prefixing mixer of
 MADEON, madeon.md 2.2). Both directions run as one scan: reversed heads are stacked after the forward
 heads and B/C enter as twice the groups.
+
+The unidirectional mixer decodes recurrently, like :class:`.mamba.Mamba`: :meth:`Mamba2.allocate_inference_cache`
+makes a (conv_state, ssm_state) pair, ``forward(..., cache=...)`` scans a prefix in parallel from it and
+leaves each row's state after its own last valid frame there, and :meth:`Mamba2.step` adds one token in O(1).
 """
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .conv import causal_conv1d_silu
 from .mamba import inverse_softplus_dt
@@ -44,6 +49,8 @@ class Mamba2(nn.Module):
         SiLU(z). MADEON turns it off (madeon.md 1.3).
     bidirectional : bool
         Adds a backward direction with its own conv1d/dt_bias/A/D.
+    combine : "mean" or "sum"
+        How the two directions are combined: averaged (ConMamba) or summed (MADEON, madeon.md 2.2).
 
     Example
     -------
@@ -69,8 +76,12 @@ class Mamba2(nn.Module):
         conv_bias=True,
         bias=False,
         bidirectional=False,
+        combine="mean",
     ):
         super().__init__()
+        if combine not in ("mean", "sum"):
+            raise ValueError(f"combine must be 'mean' or 'sum', not {combine!r}")
+        self.combine = combine
         self.d_inner = expand * d_model
         if self.d_inner % headdim:
             raise ValueError(f"expand * d_model = {self.d_inner} is not a multiple of headdim = {headdim}")
@@ -103,19 +114,28 @@ class Mamba2(nn.Module):
             tensors = [getattr(t, attribute) for t in tensors]
         return torch.stack(tensors)
 
-    def forward(self, hidden, lengths=None):
-        """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional."""
+    def forward(self, hidden, lengths=None, cache=None, reverse_index=None):
+        """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional.
+
+        ``cache``: a (conv_state, ssm_state) pair (unidirectional mixer only) to continue from; see
+        :meth:`_scan_from_cache`. ``reverse_index`` (batch, time): the self-inverse time gather that
+        feeds the backward direction, instead of reversing each row inside ``lengths`` (MADEON
+        reverses only the speech prefix, madeon.md 2.1). Returns (batch, time, d_model).
+        """
         batch, time, _ = hidden.shape
-        z, xBC, dt = self.in_proj(hidden).split(
-            [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads], dim=-1
-        )
-        xBC = xBC.transpose(1, 2)
-        if self.bidirectional:
+        z, xBC, dt = self._project(hidden)
+        if cache is not None:
+            self._check_unidirectional()
             if lengths is None:
                 lengths = torch.full((batch,), time, device=hidden.device)
-            index = reversal_index(lengths, time)
-            xBC = torch.cat([xBC, reverse_time(xBC, index, dim=2)], dim=1)
-            dt = torch.cat([dt, reverse_time(dt, index, dim=1)], dim=2)
+            return self._output(self._scan_from_cache(xBC, dt, lengths, *cache), z)
+        if self.bidirectional:
+            if reverse_index is None:
+                if lengths is None:
+                    lengths = torch.full((batch,), time, device=hidden.device)
+                reverse_index = reversal_index(lengths, time)
+            xBC = torch.cat([xBC, reverse_time(xBC, reverse_index, dim=2)], dim=1)
+            dt = torch.cat([dt, reverse_time(dt, reverse_index, dim=1)], dim=2)
 
         directions = len(self.suffixes)
         conv_weight = self._stacked("conv1d", "weight").flatten(0, 1).squeeze(1)
@@ -141,9 +161,120 @@ class Mamba2(nn.Module):
         )
         y = y.reshape(batch, time, directions, self.d_inner)
         if self.bidirectional:
-            y = 0.5 * (y[:, :, 0] + reverse_time(y[:, :, 1], index, dim=1))
+            y = y[:, :, 0] + reverse_time(y[:, :, 1], reverse_index, dim=1)
+            if self.combine == "mean":
+                y = 0.5 * y
         else:
             y = y[:, :, 0]
-        y = self.norm(y, z) if self.norm is not None else y * nn.functional.silu(z)
-        return self.out_proj(y)
+        return self._output(y, z)
 
+    def _project(self, hidden):
+        """in_proj, split into z (batch, time, d_inner), xBC (batch, conv_dim, time), dt (batch, time, heads)."""
+        z, xBC, dt = self.in_proj(hidden).split(
+            [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads], dim=-1
+        )
+        return z, xBC.transpose(1, 2), dt
+
+    def _output(self, y, z):
+        """Gate (or gated RMSNorm) and out_proj: y, z (..., d_inner) -> (..., d_model)."""
+        y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
+        return self.out_proj(y.to(z.dtype))
+
+    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+        """Zero states for recurrent decoding, as in ``mamba_ssm``.
+
+        Returns conv_state (batch, conv_dim, d_conv), the last d_conv inputs of the convolution (newest
+        last), in the convolution's dtype; and ssm_state (batch, heads, headdim, d_state) in float32
+        unless ``dtype`` is given.
+        """
+        self._check_unidirectional()
+        return self._direction_cache(batch_size, dtype, device)
+
+    def _direction_cache(self, batch_size, dtype=None, device=None):
+        """Zero (conv_state, ssm_state) of one direction."""
+        device = device or self.conv1d.weight.device
+        conv_dim, _, d_conv = self.conv1d.weight.shape
+        conv_state = torch.zeros(
+            batch_size, conv_dim, d_conv, dtype=dtype or self.conv1d.weight.dtype, device=device
+        )
+        ssm_state = torch.zeros(
+            batch_size, self.nheads, self.headdim, self.d_state, dtype=dtype or self.A_log.dtype, device=device
+        )
+        return conv_state, ssm_state
+
+    def _scan_from_cache(self, xBC, dt, lengths, conv_state, ssm_state, suffix=""):
+        """Convolution and scan of one direction (``suffix`` "" or "_b") from its states, updated in place.
+
+        xBC (batch, conv_dim, time), dt (batch, time, heads). Padded frames get step size 0 (dt = -inf
+        before the softplus), an identity step of the recurrence, and the conv_state is gathered at each
+        row's last valid frame, so the states hold every row's state after its own valid frames.
+        Returns y (batch, time, d_inner), before gating. Inference only: not differentiable.
+        """
+        conv1d = getattr(self, "conv1d" + suffix)
+        batch, conv_dim, time = xBC.shape
+        d_conv = conv_state.shape[-1]
+        history = torch.cat([conv_state.to(xBC.dtype), xBC], dim=2)  # cached inputs, then the new ones
+        window = lengths[:, None] + torch.arange(d_conv, device=xBC.device)  # ends at the last valid frame
+        new_conv_state = history.gather(2, window[:, None, :].expand(-1, conv_dim, -1))
+        xBC = causal_conv1d_silu(history[..., 1:], conv1d.weight.squeeze(1), conv1d.bias)[..., d_conv - 1 :]
+        x, B, C = xBC.transpose(1, 2).split(
+            [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
+        )
+        valid = torch.arange(time, device=dt.device) < lengths[:, None]
+        dt = dt.masked_fill(~valid[..., None], float("-inf"))
+        y, last_state = ssd_scan(
+            x.reshape(batch, time, self.nheads, self.headdim),
+            dt,
+            -torch.exp(getattr(self, "A_log" + suffix).float()),
+            B.reshape(batch, time, self.ngroups, self.d_state),
+            C.reshape(batch, time, self.ngroups, self.d_state),
+            D=getattr(self, "D" + suffix).float(),
+            dt_bias=getattr(self, "dt_bias" + suffix).float(),
+            chunk_size=self.chunk_size,
+            initial_state=ssm_state,
+            return_final_state=True,
+        )
+        conv_state.copy_(new_conv_state)
+        ssm_state.copy_(last_state)
+        return y.reshape(batch, time, self.d_inner)
+
+    def step(self, hidden, cache):
+        """Adds one token: hidden (batch, 1, d_model) -> (batch, 1, d_model), updating ``cache`` in place."""
+        self._check_unidirectional()
+        z, xBC, dt = self._project(hidden)
+        y = self._step_direction(xBC[..., 0], dt[:, 0], *cache)
+        return self._output(y, z[:, 0]).unsqueeze(1)
+
+    def _step_direction(self, xBC, dt, conv_state, ssm_state, suffix=""):
+        """One recurrent step of one direction, O(1) in the past: xBC (batch, conv_dim), dt (batch, heads).
+
+        Rolls the convolution window, then h = exp(dt * A) * h + dt * x B^T per head; y = h C + D x.
+        Returns y (batch, d_inner), before gating.
+        """
+        conv1d = getattr(self, "conv1d" + suffix)
+        batch = xBC.shape[0]
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = xBC
+        xBC = (conv_state * conv1d.weight.squeeze(1)).sum(-1)
+        if conv1d.bias is not None:
+            xBC = xBC + conv1d.bias
+        x, B, C = F.silu(xBC).split(
+            [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
+        )
+        heads_per_group = self.nheads // self.ngroups
+        B = B.view(batch, self.ngroups, self.d_state).repeat_interleave(heads_per_group, dim=1)
+        C = C.view(batch, self.ngroups, self.d_state).repeat_interleave(heads_per_group, dim=1)
+        x = x.view(batch, self.nheads, self.headdim).to(ssm_state.dtype)
+
+        dt = F.softplus(dt.float() + getattr(self, "dt_bias" + suffix).float())  # (batch, heads)
+        decay = torch.exp(dt * -torch.exp(getattr(self, "A_log" + suffix).float()))
+        update = (dt[..., None] * x)[..., None] * B[:, :, None, :].to(ssm_state.dtype)
+        ssm_state.copy_(decay[..., None, None] * ssm_state + update)
+        y = torch.einsum("bhpn,bhn->bhp", ssm_state, C.to(ssm_state.dtype))
+        y = y + getattr(self, "D" + suffix).float()[:, None] * x
+        return y.reshape(batch, self.d_inner)
+
+    def _check_unidirectional(self):
+        """Recurrent decoding needs a causal mixer: a backward direction would read the future."""
+        if self.bidirectional:
+            raise ValueError("recurrent inference needs a unidirectional Mamba2 (bidirectional=False)")

@@ -1,0 +1,137 @@
+"""Batched beam search for decoder-only ASR: the speech prefix is the prompt, the text is generated.
+
+The search feeds ``<generatetext>`` after the prefix, then one token per step, until ``<eos>`` or
+``max_length`` tokens. It follows ESPnet's beam search as MADEON uses it (madeon.md 2.5): a hypothesis
+scores the sum of its token log-probabilities plus ``length_penalty`` per token (``<eos>`` included), with no
+length normalisation and no end detection; at each step the best ``beam_size`` continuations of the live
+hypotheses are kept, those ending in ``<eos>`` leave the beam, and the best finished hypothesis wins.
+All utterances and beams run as one batch of ``batch * beam_size`` rows.
+
+Scorers hide how the next-token distribution is computed:
+
+* :class:`RecurrentScorer` scans the prefix once into per-layer caches (``model.init_cache``), then costs
+  one recurrent step per token (``model.step``); beams are reordered by ``index_select`` on the caches.
+* :class:`FullSequenceScorer` re-runs the model on the whole sequence at every step: the reference the
+  recurrent scorer must agree with, and the scorer of models without a cache (the Transformer baseline).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+class RecurrentScorer:
+    """Next-token log-probabilities from a model's recurrent cache (``init_cache``, ``step``, ``reorder_cache``)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def init(self, prefix, lengths):
+        """State after the prefixes (batch, time) of valid lengths (batch,)."""
+        return self.model.init_cache(prefix, lengths)
+
+    def score(self, tokens, state):
+        """Feeds tokens (rows,); returns log-probabilities (rows, vocab) and the new state."""
+        return F.log_softmax(self.model.step(tokens, state).float(), dim=-1), state
+
+    def reorder(self, state, index):
+        return self.model.reorder_cache(state, index)
+
+
+class FullSequenceScorer:
+    """Next-token log-probabilities by running the model on each row's whole sequence so far.
+
+    The state is the right-padded token matrix (rows, time) and the valid lengths (rows,).
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def init(self, prefix, lengths):
+        return prefix, lengths
+
+    @torch.no_grad()
+    def score(self, tokens, state):
+        sequences, lengths = state
+        rows = torch.arange(sequences.shape[0], device=sequences.device)
+        sequences = torch.cat([sequences, sequences.new_zeros(sequences.shape[0], 1)], dim=1)
+        sequences[rows, lengths] = tokens
+        lengths = lengths + 1
+        logits = self.model(sequences, lengths)[rows, lengths - 1]
+        return F.log_softmax(logits.float(), dim=-1), (sequences, lengths)
+
+    def reorder(self, state, index):
+        sequences, lengths = state
+        return sequences.index_select(0, index), lengths.index_select(0, index)
+
+
+class DecoderOnlyBeamSearcher:
+    """Batched beam search over prompts ``[<startofspeech>, speech units]``; see the module docstring.
+
+    Arguments
+    ---------
+    scorer : RecurrentScorer or FullSequenceScorer
+    bos_index : int
+        ``<generatetext>``, fed first: its output is the first text token's distribution.
+    eos_index : int
+    beam_size, max_length : int
+        Beam width; most tokens generated (``<eos>`` excluded).
+    length_penalty : float
+        Added to the score for every token; 0 ranks by log-probability alone. When it is <= 0 the
+        search stops an utterance as soon as no live hypothesis can beat its best finished one
+        (scores only fall), which gives the same result as running to ``max_length``.
+    """
+
+    def __init__(self, scorer, bos_index, eos_index, beam_size=10, max_length=100, length_penalty=0.0):
+        self.scorer = scorer
+        self.bos_index = bos_index
+        self.eos_index = eos_index
+        self.beam_size = beam_size
+        self.max_length = max_length
+        self.length_penalty = length_penalty
+
+    @torch.no_grad()
+    def __call__(self, prefix, lengths):
+        """prefix (batch, time) right-padded, lengths (batch,) -> (best token lists, their scores (batch,))."""
+        batch, beam, device = prefix.shape[0], self.beam_size, prefix.device
+        state = self.scorer.init(prefix, lengths)
+        state = self.scorer.reorder(state, torch.arange(batch, device=device).repeat_interleave(beam))
+        tokens = torch.full((batch * beam,), self.bos_index, dtype=torch.long, device=device)
+        scores = torch.full((batch, beam), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # every row starts as one hypothesis
+        history = torch.zeros(batch * beam, 0, dtype=torch.long, device=device)
+        finished = [[] for _ in range(batch)]  # (score, tokens) per utterance
+        row_offset = torch.arange(batch, device=device)[:, None] * beam
+
+        for step in range(self.max_length + 1):
+            log_probs, state = self.scorer.score(tokens, state)
+            vocab = log_probs.shape[-1]
+            candidates = scores.view(-1, 1) + log_probs + self.length_penalty
+            if step == self.max_length:  # out of length: every live hypothesis must end here
+                only_eos = torch.full_like(candidates, float("-inf"))
+                only_eos[:, self.eos_index] = candidates[:, self.eos_index]
+                candidates = only_eos
+            scores, best = candidates.view(batch, beam * vocab).topk(beam, dim=1)
+            origin = (row_offset + best // vocab).view(-1)
+            tokens = (best % vocab).view(-1)
+            history = torch.cat([history.index_select(0, origin), tokens[:, None]], dim=1)
+
+            ended = (tokens == self.eos_index).view(batch, beam) & scores.isfinite()
+            for row, slot in ended.nonzero().tolist():
+                finished[row].append((scores[row, slot].item(), history[row * beam + slot, :-1].tolist()))
+            scores = scores.masked_fill(ended, float("-inf"))
+            if self._all_done(scores, finished):
+                break
+            state = self.scorer.reorder(state, origin)
+
+        best = [max(hyps, key=lambda hyp: hyp[0]) if hyps else (float("-inf"), []) for hyps in finished]
+        return [tokens for _, tokens in best], torch.tensor([score for score, _ in best])
+
+    def _all_done(self, scores, finished):
+        """True when no utterance can still change its best hypothesis."""
+        live_best = scores.max(dim=1).values.tolist()
+        for live, hyps in zip(live_best, finished):
+            if live == float("-inf"):
+                continue
+            if self.length_penalty > 0 or not hyps or max(score for score, _ in hyps) < live:
+                return False
+        return True

@@ -1,0 +1,286 @@
+"""Discrete speech tokens for MADEON (madeon.md 1.1, 3), computed once and cached on disk.
+
+    waveform -> features (SSL layer or filterbanks) -> k-means unit per frame -> consecutive duplicates
+    removed -> one character per unit, chr(0x4E00 + k) -> joint SentencePiece over speech and text
+
+* :class:`FbankFeatures` (offline default) and :class:`SSLFeatures` (the paper's WavLM-large layer 21,
+  through SpeechBrain's HuggingFace integration, loaded only when features are actually needed).
+* :class:`KMeans`: mini-batch k-means in PyTorch, streamed over utterances so that SSL features of a large
+  training set never have to fit in memory.
+* :class:`SpeechUnitTokenizer`: fits the k-means on a fraction of the training set and writes, for each
+  split csv, a copy with a ``units`` column. Everything lives in a folder named by a hash of the settings
+  and of the training csv, so a second run (or another model with the same tokens) reuses it.
+* :func:`train_joint_sentencepiece`: one unigram vocabulary over ``<startofspeech>units<generatetext> text``
+  lines with the text repeated (x4 in the paper), the four special symbols user-defined.
+"""
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+
+import torch
+import torch.nn as nn
+from speechbrain.dataio.dataio import read_audio
+from speechbrain.lobes.features import Fbank
+from speechbrain.tokenizers.SentencePiece import SentencePiece
+
+logger = logging.getLogger(__name__)
+
+START_OF_TEXT, GENERATE_TEXT, START_OF_SPEECH, GENERATE_SPEECH = (
+    "<startoftext>",
+    "<generatetext>",
+    "<startofspeech>",
+    "<generatespeech>",
+)
+SPECIAL_SYMBOLS = [START_OF_TEXT, GENERATE_TEXT, START_OF_SPEECH, GENERATE_SPEECH]  # ESPnet's nlsyms order
+UNIT_CHARACTER_OFFSET = 0x4E00  # unit k is written chr(0x4E00 + k), a CJK ideograph
+
+
+def deduplicate(units):
+    """Removes consecutive repeats: (frames,) -> (runs,)."""
+    keep = torch.ones_like(units, dtype=torch.bool)
+    keep[1:] = units[1:] != units[:-1]
+    return units[keep]
+
+
+def units_to_text(units):
+    """Unit indices -> one character each, no separator."""
+    return "".join(chr(UNIT_CHARACTER_OFFSET + int(unit)) for unit in units)
+
+
+def sequence_text(units, words, text_repeats=1):
+    """The model's text line: ``<startofspeech>units<generatetext> words`` (words repeated for SentencePiece)."""
+    return START_OF_SPEECH + units + GENERATE_TEXT + (" " + words) * text_repeats
+
+
+def prompt_text(units):
+    """The decoding prompt: the speech prefix up to, not including, ``<generatetext>``."""
+    return START_OF_SPEECH + units
+
+
+class FbankFeatures(nn.Module):
+    """Log-mel filterbanks with per-utterance mean/variance normalisation: the offline extractor.
+
+    ``hop_length`` 20 ms gives 50 frames/s, the frame rate of the SSL models.
+    """
+
+    def __init__(self, sample_rate=16000, n_mels=80, n_fft=400, win_length=25, hop_length=20):
+        super().__init__()
+        options = dict(
+            sample_rate=sample_rate, n_mels=n_mels, n_fft=n_fft, win_length=win_length, hop_length=hop_length
+        )
+        self.settings = dict(kind="fbank", **options)
+        self.fbank = Fbank(**options)
+
+    @torch.no_grad()
+    def forward(self, wav):
+        """wav (samples,) -> (frames, n_mels)."""
+        feats = self.fbank(wav[None])[0]
+        return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
+
+
+class SSLFeatures(nn.Module):
+    """Hidden states of one layer of a self-supervised model (e.g. WavLM-large layer 21, madeon.md 3).
+
+    ``source`` is a HuggingFace hub name or a local folder; the model is built on first use, so that
+    runs with cached tokens never load (or download) it.
+    """
+
+    def __init__(self, source, layer, save_path="pretrained_models", device="cpu"):
+        super().__init__()
+        self.settings = dict(kind="ssl", source=source, layer=layer)
+        self.source, self.layer, self.save_path, self.device = source, layer, save_path, device
+        self.model = None
+
+    @torch.no_grad()
+    def forward(self, wav):
+        """wav (samples,) -> (frames, hidden)."""
+        if self.model is None:
+            from speechbrain.integrations.huggingface.wavlm import WavLM
+
+            self.model = WavLM(self.source, self.save_path, output_all_hiddens=True, freeze=True).to(self.device).eval()
+        hiddens = self.model(wav[None].to(self.device))  # (layers + 1, 1, frames, hidden)
+        return hiddens[self.layer, 0].float().cpu()
+
+
+class KMeans(nn.Module):
+    """Mini-batch k-means (Sculley's update): each batch moves a centroid to the running mean of all the
+    frames ever assigned to it. Initialised by k-means++ on the first batch."""
+
+    def __init__(self, num_clusters, seed=0):
+        super().__init__()
+        self.num_clusters = num_clusters
+        self.generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("centroids", torch.empty(0))
+        self.register_buffer("counts", torch.empty(0))
+
+    @torch.no_grad()
+    def forward(self, frames):
+        """Nearest centroid of each frame: (frames, dim) -> (frames,)."""
+        distances = (self.centroids**2).sum(1) - 2 * frames @ self.centroids.T
+        return distances.argmin(dim=1)
+
+    @torch.no_grad()
+    def partial_fit(self, frames):
+        """One mini-batch update with frames (n, dim); n must be >= num_clusters for the first one."""
+        if self.centroids.numel() == 0:
+            self._init_plus_plus(frames)
+        labels = self(frames)
+        batch_counts = torch.bincount(labels, minlength=self.num_clusters).to(frames.dtype)
+        sums = torch.zeros_like(self.centroids).index_add_(0, labels, frames)
+        self.counts += batch_counts
+        seen = self.counts > 0
+        self.centroids[seen] += (sums[seen] - batch_counts[seen, None] * self.centroids[seen]) / self.counts[seen, None]
+
+    def _init_plus_plus(self, frames):
+        """k-means++: each new centroid drawn with probability proportional to the squared distance."""
+        if len(frames) < self.num_clusters:
+            raise ValueError(f"k-means needs at least {self.num_clusters} frames to start, got {len(frames)}")
+        chosen = [torch.randint(len(frames), (1,), generator=self.generator).item()]
+        distances = ((frames - frames[chosen[0]]) ** 2).sum(1)
+        for _ in range(self.num_clusters - 1):
+            chosen.append(torch.multinomial(distances.clamp(min=0) + 1e-12, 1, generator=self.generator).item())
+            distances = torch.minimum(distances, ((frames - frames[chosen[-1]]) ** 2).sum(1))
+        self.centroids = frames[chosen].clone()
+        self.counts = torch.zeros(self.num_clusters, dtype=frames.dtype)
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+class SpeechUnitTokenizer:
+    """Turns LibriSpeech csv manifests into manifests with a ``units`` column, cached on disk.
+
+    Arguments
+    ---------
+    features : FbankFeatures or SSLFeatures
+    num_clusters : int
+        K of the k-means (2000 in the paper).
+    kmeans_fraction : float
+        Share of the training utterances the k-means is fitted on (0.1 in the paper).
+    kmeans_epochs : int
+        Passes over that share (each pass recomputes the features).
+    kmeans_batch_frames : int
+        Frames per mini-batch update.
+    seed : int
+    """
+
+    def __init__(self, features, num_clusters, kmeans_fraction=0.1, kmeans_epochs=1, kmeans_batch_frames=10000, seed=0):
+        self.features = features
+        self.num_clusters = num_clusters
+        self.kmeans_fraction = kmeans_fraction
+        self.kmeans_epochs = kmeans_epochs
+        self.kmeans_batch_frames = kmeans_batch_frames
+        self.seed = seed
+
+    def settings(self, train_csv):
+        """Everything the units depend on, the key of the cache."""
+        return dict(
+            features=self.features.settings,
+            num_clusters=self.num_clusters,
+            kmeans_fraction=self.kmeans_fraction,
+            kmeans_epochs=self.kmeans_epochs,
+            kmeans_batch_frames=self.kmeans_batch_frames,
+            seed=self.seed,
+            train_csv=file_hash(train_csv),
+        )
+
+    def __call__(self, train_csv, csv_files, save_folder):
+        """Writes ``<save_folder>/units_<hash>/<name>.csv`` for each input csv, reusing what exists.
+
+        ``csv_files``: name -> csv path (the training csv included). Returns name -> units csv path.
+        """
+        settings = self.settings(train_csv)
+        key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        folder = os.path.join(save_folder, f"units_{key}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "settings.json"), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2)
+        outputs = {}
+        kmeans = None
+        for name, path in csv_files.items():
+            # the input manifest's own content is part of each output's name
+            outputs[name] = os.path.join(folder, f"{name}_{file_hash(path)[:8]}.csv")
+            if os.path.isfile(outputs[name]):
+                logger.info(f"Speech units of {name} found in {outputs[name]}")
+                continue
+            if kmeans is None:
+                kmeans = self._kmeans(train_csv, os.path.join(folder, "kmeans.pt"))
+            self._write_units(kmeans, path, outputs[name])
+        return outputs
+
+    def _kmeans(self, train_csv, path):
+        """Loads the fitted k-means, or fits it on a random share of the training utterances."""
+        kmeans = KMeans(self.num_clusters, self.seed)
+        if os.path.isfile(path):
+            state = torch.load(path)
+            kmeans.centroids, kmeans.counts = state["centroids"], state["counts"]
+            return kmeans
+        rows = read_csv(train_csv)
+        random.Random(self.seed).shuffle(rows)
+        rows = rows[: max(1, round(self.kmeans_fraction * len(rows)))]
+        logger.info(f"Fitting {self.num_clusters}-means on {len(rows)} utterances")
+        for _ in range(self.kmeans_epochs):
+            buffer, buffered = [], 0
+            for row in rows:
+                buffer.append(self.features(read_audio(row["wav"])))
+                buffered += len(buffer[-1])
+                if buffered >= max(self.kmeans_batch_frames, self.num_clusters):
+                    kmeans.partial_fit(torch.cat(buffer))
+                    buffer, buffered = [], 0
+            if buffer and (kmeans.centroids.numel() or buffered >= self.num_clusters):
+                kmeans.partial_fit(torch.cat(buffer))
+        torch.save(kmeans.state_dict(), path)
+        return kmeans
+
+    def _write_units(self, kmeans, csv_in, csv_out):
+        """Copies a manifest, adding each utterance's de-duplicated unit characters."""
+        rows = read_csv(csv_in)
+        for row in rows:
+            row["units"] = units_to_text(deduplicate(kmeans(self.features(read_audio(row["wav"])))))
+        partial = csv_out + ".partial"  # a run killed half-way leaves no file that looks finished
+        with open(partial, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["ID", "units"])
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, csv_out)
+
+
+def train_joint_sentencepiece(
+    units_csv, model_dir, vocab_size, text_repeats=4, max_piece_length=16, unk_index=0, eos_index=1
+):
+    """One SentencePiece unigram vocabulary over speech units and text (madeon.md 1.1).
+
+    Each training line is ``<startofspeech>units<generatetext> text`` with the (lower-cased) text
+    ``text_repeats`` times. Ids: ``<unk>`` = 0, the end token ``</s>`` = 1, then the four special
+    symbols (``<generatetext>`` = 3, ``<startofspeech>`` = 4). No dummy prefix, so a line encodes
+    directly as ``[<startofspeech>, units.., <generatetext>, ▁words..]``. Trained once per folder.
+    """
+    os.makedirs(model_dir, exist_ok=True)
+    text_file = os.path.join(model_dir, "sentencepiece_text.txt")
+    if not os.path.isfile(text_file):
+        with open(text_file, "w", encoding="utf-8") as f:
+            for row in read_csv(units_csv):
+                f.write(sequence_text(row["units"], row["wrd"].lower(), text_repeats) + "\n")
+    return SentencePiece(
+        model_dir=model_dir,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        user_defined_symbols=",".join(SPECIAL_SYMBOLS),
+        max_sentencepiece_length=max_piece_length,
+        unk_id=unk_index,
+        eos_id=eos_index,
+        text_file=text_file,
+        add_dummy_prefix=False,
+    )

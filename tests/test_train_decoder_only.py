@@ -1,0 +1,77 @@
+"""End-to-end check of train_decoder_only.py: one tiny model per family on a slice of the demo corpus.
+
+Each run prepares the data, computes (or reuses) the speech units, trains the joint tokenizer,
+trains a few epochs, averages the best checkpoints and beam-searches the test slice; the training
+loss must fall and the WER file must exist. The three runs share one speech-token cache.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DATA = os.path.join(ROOT, "demo", "LibriSpeech")
+YAMLS = os.path.join(ROOT, "hparams", "decoder_only")
+
+# Small enough to train in seconds on a CPU.
+TINY = [
+    "--select_n_sentences=[40, 8, 8]",
+    "--number_of_epochs=6",
+    "--n_warmup_steps=6",
+    "--lr=0.005",
+    "--max_batch_length_train=400",
+    "--num_clusters=16",
+    "--vocab_size=80",
+    "--test_beam_size=2",
+    "--test_max_length=12",
+    "--avg_checkpoints=2",
+    "--d_model=32",
+    "--dropout=0.0",
+]
+FAMILIES = {
+    "mamba-parallel": ("demo_mamba.yaml", ["--num_blocks=1", "--d_state=4", "--prefixing=parallel"]),
+    "mamba2-serial": ("demo_mamba2.yaml", ["--num_blocks=1", "--d_state=8", "--headdim=16", "--prefixing=serial"]),
+    "transformer-prefix": (
+        "demo_transformer.yaml",
+        ["--num_layers=1", "--nhead=2", "--d_ffn=64", "--prefix_lm=True", "--relative_buckets=8"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def token_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("speech_tokens")
+
+
+def train_losses(train_log):
+    """Per-epoch training losses from SpeechBrain's train_log.txt."""
+    with open(train_log, encoding="utf-8") as f:
+        return [float(x) for x in re.findall(r"train loss: ([0-9.e+-]+)", f.read())]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_training_run_lowers_the_loss_and_decodes(family, tmp_path, token_folder):
+    yaml, overrides = FAMILIES[family]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train_decoder_only.py"),
+        os.path.join(YAMLS, yaml),
+        f"--data_folder={DEMO_DATA}",
+        f"--output_folder={tmp_path}",
+        f"--token_folder={token_folder}",
+        "--noprogressbar",
+        *TINY,
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    losses = train_losses(tmp_path / "train_log.txt")
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    assert "%WER" in (tmp_path / "wer_test.txt").read_text(encoding="utf-8")
+    assert re.search(r"Test WER on test: [0-9.]+ %", proc.stdout), proc.stdout[-2000:]

@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Recipe for training a decoder-only speech recognizer over discrete speech tokens (MADEON).
+
+The pipeline is: waveform -> discrete speech units (SSL or filterbank features -> k-means ->
+de-duplication; computed once and cached) -> one joint SentencePiece sequence
+``<startofspeech> units <generatetext> text`` -> language model (Mamba / Mamba-2, with or without
+speech prefixing, or a Transformer) -> cross-entropy on the text tokens and the end token.
+Validation reports the text-token accuracy; the best checkpoints by accuracy are averaged and the
+test sets are decoded by a batched beam search primed with the speech prefix (madeon.md 1-4).
+The model is chosen in the yaml file only.
+
+To run on LibriSpeech:
+> python train_decoder_only.py hparams/decoder_only/mamba2_parallel.yaml --data_folder /path/to/LibriSpeech
+
+To run the small demo shipped with the repository (CPU, a few minutes):
+> python train_decoder_only.py hparams/decoder_only/demo_mamba.yaml
+
+Authors
+ * Mamba-ASR recipes contributors
+"""
+
+import logging
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from hyperpyyaml import load_hyperpyyaml
+
+import speechbrain as sb
+from speechbrain.dataio.dataio import length_to_mask
+from speechbrain.utils.distributed import if_main_process, run_on_main
+
+from modules.speech_tokenizer import GENERATE_TEXT, sequence_text, train_joint_sentencepiece
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # targets that are not scored: speech units and the prefix
+
+
+class DecoderOnlyASR(sb.Brain):
+    """Teacher-forced training on text tokens, accuracy at validation, beam search at test."""
+
+    def compute_forward(self, batch, stage):
+        """Token sequences -> logits (B, L, vocab)."""
+        batch = batch.to(self.device)
+        tokens, _ = batch.tokens
+        return self.modules.lm(tokens)
+
+    def compute_objectives(self, logits, batch, stage):
+        """Label-smoothed cross-entropy on the text and end tokens, summed and divided by the batch
+        size (madeon.md 1.2); accuracy of those tokens; at test, decodes and updates the WER."""
+        targets, target_lens = batch.targets
+        padding = ~length_to_mask(target_lens * targets.shape[1], targets.shape[1]).bool()
+        targets = targets.masked_fill(padding, IGNORE_INDEX)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=self.hparams.label_smoothing,
+            reduction="sum",
+        ) / targets.shape[0]
+
+        if stage != sb.Stage.TRAIN:
+            scored = targets != IGNORE_INDEX
+            self.correct += (logits.argmax(-1) == targets)[scored].sum().item()
+            self.scored += scored.sum().item()
+        if stage == sb.Stage.TEST:
+            prefix, prefix_lens = batch.prefix
+            lengths = (prefix_lens * prefix.shape[1]).round().long()
+            hyps, _ = self.hparams.test_search(prefix, lengths)
+            predicted_words = [self.tokenizer.sp.decode_ids(hyp).split() for hyp in hyps]
+            target_words = [words.split() for words in batch.words]
+            self.wer_metric.append(batch.id, predicted_words, target_words)
+        return loss
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """Updates the warm-up / inverse-square-root learning rate after each optimizer step."""
+        if should_step:
+            self.hparams.noam_annealing(self.optimizer)
+
+    def on_stage_start(self, stage, epoch):
+        """Fresh accuracy counters and WER tracker."""
+        if stage != sb.Stage.TRAIN:
+            self.correct = self.scored = 0
+            self.wer_metric = self.hparams.error_rate_computer()
+
+    def on_stage_end(self, stage, stage_loss, epoch):
+        """Logs statistics, keeps the best checkpoints by accuracy, writes the test WER."""
+        stage_stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stage_stats
+            return
+        stage_stats["ACC"] = self.correct / max(self.scored, 1)
+
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={
+                    "epoch": epoch,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "steps": self.optimizer_step,
+                },
+                train_stats=self.train_stats,
+                valid_stats=stage_stats,
+            )
+            self.checkpointer.save_and_keep_only(
+                meta={"ACC": stage_stats["ACC"], "epoch": epoch},
+                max_keys=["ACC"],
+                num_to_keep=self.hparams.avg_checkpoints,
+            )
+        else:
+            stage_stats["WER"] = self.wer_metric.summarize("error_rate")
+            self.test_stats = stage_stats
+            self.hparams.train_logger.log_stats(
+                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
+                test_stats=stage_stats,
+            )
+            if if_main_process():
+                with open(self.test_wer_file, "w", encoding="utf-8") as w:
+                    self.wer_metric.write_stats(w)
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        """Loads the average of the best checkpoints into the model."""
+        super().on_evaluate_start(max_key=max_key, min_key=min_key)
+        ckpts = self.checkpointer.find_checkpoints(
+            max_key=max_key,
+            min_key=min_key,
+            max_num_checkpoints=self.hparams.avg_checkpoints,
+        )
+        averaged = sb.utils.checkpoints.average_checkpoints(
+            ckpts, recoverable_name="model"
+        )
+        self.hparams.model.load_state_dict(averaged, strict=True)
+        self.hparams.model.eval()
+        logger.info(f"Loaded the average of {len(ckpts)} checkpoints.")
+
+
+def dataio_prepare(hparams, tokenizer, unit_csvs):
+    """Builds the datasets over the unit manifests and, with dynamic batching, their batch samplers.
+
+    Each item gives ``tokens`` [<startofspeech>, units, <generatetext>, text], ``targets`` (tokens
+    shifted left with the end token appended, IGNORE_INDEX up to and including <generatetext>),
+    ``prefix`` (the tokens before <generatetext>, the decoding prompt) and the lower-cased ``words``.
+    """
+    generate_text = tokenizer.sp.piece_to_id(GENERATE_TEXT)
+
+    def encode(units, wrd):
+        return tokenizer.sp.encode_as_ids(sequence_text(units, wrd.lower()))
+
+    def load_csv(path):
+        return sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=path)
+
+    train_data = load_csv(unit_csvs["train"])
+    if hparams["sorting"] in ("ascending", "descending"):
+        train_data = train_data.filtered_sorted(
+            sort_key="duration", reverse=hparams["sorting"] == "descending"
+        )
+        hparams["train_dataloader_opts"]["shuffle"] = False
+    elif hparams["sorting"] != "random":
+        raise ValueError("sorting must be random, ascending or descending")
+
+    # Sorted evaluation sets make batches with little padding.
+    valid_data = load_csv(unit_csvs["valid"]).filtered_sorted(sort_key="duration")
+    test_datasets = {
+        name: load_csv(unit_csvs[name]).filtered_sorted(sort_key="duration")
+        for name in csv_names(hparams["test_csv"])
+    }
+    datasets = [train_data, valid_data] + list(test_datasets.values())
+
+    @sb.utils.data_pipeline.takes("units", "wrd")
+    @sb.utils.data_pipeline.provides("words", "tokens", "targets", "prefix")
+    def token_pipeline(units, wrd):
+        yield wrd.lower()
+        tokens = encode(units, wrd)
+        start = tokens.index(generate_text)
+        yield torch.LongTensor(tokens)
+        yield torch.LongTensor(
+            [IGNORE_INDEX] * start + tokens[start + 1 :] + [hparams["eos_index"]]
+        )
+        yield torch.LongTensor(tokens[:start])
+
+    sb.dataio.dataset.add_dynamic_item(datasets, token_pipeline)
+    sb.dataio.dataset.set_output_keys(
+        datasets, ["id", "words", "tokens", "targets", "prefix"]
+    )
+
+    train_batch_sampler = valid_batch_sampler = None
+    if hparams["dynamic_batching"]:
+        from speechbrain.dataio.sampler import DynamicBatchSampler
+
+        # Batches are bounded in padded tokens, as ESPnet's length batches (madeon.md 4).
+        def num_tokens(row):
+            return len(encode(row["units"], row["wrd"]))
+
+        train_batch_sampler = DynamicBatchSampler(
+            train_data, length_func=num_tokens, **hparams["dynamic_batch_sampler_train"]
+        )
+        valid_batch_sampler = DynamicBatchSampler(
+            valid_data, length_func=num_tokens, **hparams["dynamic_batch_sampler_valid"]
+        )
+
+    return train_data, valid_data, test_datasets, train_batch_sampler, valid_batch_sampler
+
+
+def csv_names(csv_files):
+    """Data set names: the csv file names without folder and extension."""
+    return [os.path.splitext(os.path.basename(csv))[0] for csv in csv_files]
+
+
+def prepare_tokens(hparams):
+    """Data manifests, speech units and the joint SentencePiece model, each made once and then found
+    on disk. Returns the unit manifests (split name -> csv) and the tokenizer.
+    """
+    from librispeech_prepare import prepare_librispeech
+
+    prepare_librispeech(
+        data_folder=hparams["data_folder"],
+        save_folder=hparams["output_folder"],
+        tr_splits=hparams["train_splits"],
+        dev_splits=hparams["dev_splits"],
+        te_splits=hparams["test_splits"],
+        select_n_sentences=hparams["select_n_sentences"],
+        merge_lst=hparams["train_splits"],
+        merge_name="train.csv",
+        skip_prep=hparams["skip_prep"],
+    )
+    manifests = {"train": hparams["train_csv"], "valid": hparams["valid_csv"]}
+    manifests.update(zip(csv_names(hparams["test_csv"]), hparams["test_csv"]))
+    unit_csvs = hparams["speech_tokenizer"](
+        hparams["train_csv"], manifests, hparams["token_folder"]
+    )
+    sentencepiece_folder = os.path.join(
+        os.path.dirname(unit_csvs["train"]),
+        f"sentencepiece_{hparams['vocab_size']}_x{hparams['text_repeats']}",
+    )
+    tokenizer = train_joint_sentencepiece(
+        unit_csvs["train"],
+        sentencepiece_folder,
+        hparams["vocab_size"],
+        text_repeats=hparams["text_repeats"],
+        eos_index=hparams["eos_index"],
+    )
+    return unit_csvs, tokenizer
+
+
+if __name__ == "__main__":
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+
+    # Initialize ddp (useful only for multi-GPU DDP training)
+    sb.utils.distributed.ddp_init_group(run_opts)
+
+    with open(hparams_file, encoding="utf-8") as fin:
+        hparams = load_hyperpyyaml(fin, overrides)
+
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+
+    # Manifests, speech units and the tokenizer are made on the main process; all find them on disk.
+    run_on_main(prepare_tokens, kwargs={"hparams": hparams})
+    unit_csvs, tokenizer = prepare_tokens(hparams)
+    if tokenizer.sp.piece_to_id(GENERATE_TEXT) != hparams["generate_text_index"]:
+        raise ValueError("generate_text_index does not match the tokenizer's <generatetext>")
+
+    (
+        train_data,
+        valid_data,
+        test_datasets,
+        train_bsampler,
+        valid_bsampler,
+    ) = dataio_prepare(hparams, tokenizer, unit_csvs)
+
+    asr_brain = DecoderOnlyASR(
+        modules=hparams["modules"],
+        opt_class=hparams["model_opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    asr_brain.tokenizer = tokenizer
+
+    train_dataloader_opts = hparams["train_dataloader_opts"]
+    valid_dataloader_opts = hparams["valid_dataloader_opts"]
+    if train_bsampler is not None:
+        train_dataloader_opts = {
+            "batch_sampler": train_bsampler,
+            "num_workers": hparams["num_workers"],
+        }
+    if valid_bsampler is not None:
+        valid_dataloader_opts = {
+            "batch_sampler": valid_bsampler,
+            "num_workers": hparams["num_workers"],
+        }
+
+    asr_brain.fit(
+        asr_brain.hparams.epoch_counter,
+        train_data,
+        valid_data,
+        train_loader_kwargs=train_dataloader_opts,
+        valid_loader_kwargs=valid_dataloader_opts,
+    )
+
+    # Test on each test set with the averaged best checkpoints.
+    for name, test_set in test_datasets.items():
+        asr_brain.test_wer_file = os.path.join(
+            hparams["output_folder"], f"wer_{name}.txt"
+        )
+        asr_brain.evaluate(
+            test_set,
+            max_key="ACC",
+            test_loader_kwargs=hparams["test_dataloader_opts"],
+        )
+        if if_main_process():
+            print(f"Test WER on {name}: {asr_brain.test_stats['WER']:.2f} %")

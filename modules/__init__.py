@@ -1,0 +1,1 @@
+"""Model components for the Mamba-ASR recipes."""

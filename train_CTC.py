@@ -18,24 +18,26 @@ Authors
  * Mamba-ASR recipes contributors
 """
 
-import logging
-import os
 import sys
 
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
 import speechbrain as sb
-from speechbrain.dataio.sampler import DynamicBatchSampler
-from speechbrain.tokenizers.SentencePiece import SentencePiece
-from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from librispeech_prepare import prepare_librispeech
+from modules.recipe import (
+    RecipeBrain,
+    add_audio_pipelines,
+    csv_name,
+    evaluate_test_sets,
+    load_datasets,
+    loader_options,
+    prepare_manifests,
+    train_tokenizer,
+)
 
-logger = logging.getLogger(__name__)
 
-
-class ASR(sb.Brain):
+class ASR(RecipeBrain):
     """CTC training, greedy validation and beam-search testing."""
 
     def compute_forward(self, batch, stage):
@@ -121,80 +123,22 @@ class ASR(sb.Brain):
                 num_to_keep=self.hparams.avg_checkpoints,
             )
         else:
-            self.test_stats = stage_stats
-            self.hparams.train_logger.log_stats(
-                stats_meta={"Epochs trained": self.hparams.epoch_counter.current},
-                test_stats=stage_stats,
-            )
-            if if_main_process():
-                with open(self.test_wer_file, "w", encoding="utf-8") as w:
-                    self.wer_metric.write_stats(w)
-
-    def on_evaluate_start(self, max_key=None, min_key=None):
-        """Loads the average of the best checkpoints into the model."""
-        super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        ckpts = self.checkpointer.find_checkpoints(
-            max_key=max_key,
-            min_key=min_key,
-            max_num_checkpoints=self.hparams.avg_checkpoints,
-        )
-        averaged = sb.utils.checkpoints.average_checkpoints(
-            ckpts, recoverable_name="model"
-        )
-        self.hparams.model.load_state_dict(averaged)
-        self.hparams.model.eval()
-        logger.info(f"Loaded the average of {len(ckpts)} checkpoints.")
+            self.log_test_stats(stage_stats)
 
 
 def dataio_prepare(hparams, tokenizer):
-    """Builds the datasets and, with dynamic batching, their batch samplers.
+    """Datasets with the items ``sig`` (audio), ``wrd`` and ``tokens``.
 
-    Returns
-    -------
-    train_data, valid_data : DynamicItemDataset
-    test_datasets : dict
-        Test set name (csv file name) -> DynamicItemDataset.
-    train_batch_sampler, valid_batch_sampler : DynamicBatchSampler or None
+    Returns the train and valid sets and {test set name: set}.
     """
-    data_folder = hparams["data_folder"]
-
-    def load_csv(path):
-        return sb.dataio.dataset.DynamicItemDataset.from_csv(
-            csv_path=path, replacements={"data_root": data_folder}
-        )
-
-    train_data = load_csv(hparams["train_csv"])
-    if hparams["sorting"] in ("ascending", "descending"):
-        train_data = train_data.filtered_sorted(
-            sort_key="duration", reverse=hparams["sorting"] == "descending"
-        )
-        hparams["train_dataloader_opts"]["shuffle"] = False
-    elif hparams["sorting"] != "random":
-        raise ValueError("sorting must be random, ascending or descending")
-
-    # Sorted evaluation sets make batches with little padding.
-    valid_data = load_csv(hparams["valid_csv"]).filtered_sorted(
-        sort_key="duration"
+    train_data, valid_data, test_datasets = load_datasets(
+        hparams,
+        hparams["train_csv"],
+        hparams["valid_csv"],
+        {csv_name(path): path for path in hparams["test_csv"]},
     )
-    test_datasets = {
-        os.path.splitext(os.path.basename(csv))[0]: load_csv(
-            csv
-        ).filtered_sorted(sort_key="duration")
-        for csv in hparams["test_csv"]
-    }
-    eval_datasets = [valid_data] + list(test_datasets.values())
-
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline(wav):
-        return sb.dataio.dataio.read_audio(wav)
-
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline_train(wav):
-        # Done here so that it runs in the data loader workers.
-        sig = sb.dataio.dataio.read_audio(wav)
-        return hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
+    datasets = [train_data, valid_data] + list(test_datasets.values())
+    add_audio_pipelines(hparams, train_data, datasets[1:])
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens")
@@ -202,35 +146,9 @@ def dataio_prepare(hparams, tokenizer):
         yield wrd
         yield torch.LongTensor(tokenizer.sp.encode_as_ids(wrd))
 
-    sb.dataio.dataset.add_dynamic_item([train_data], audio_pipeline_train)
-    sb.dataio.dataset.add_dynamic_item(eval_datasets, audio_pipeline)
-    sb.dataio.dataset.add_dynamic_item(
-        [train_data] + eval_datasets, text_pipeline
-    )
-    sb.dataio.dataset.set_output_keys(
-        [train_data] + eval_datasets, ["id", "sig", "wrd", "tokens"]
-    )
-
-    train_batch_sampler = valid_batch_sampler = None
-    if hparams["dynamic_batching"]:
-        train_batch_sampler = DynamicBatchSampler(
-            train_data,
-            length_func=lambda x: x["duration"],
-            **hparams["dynamic_batch_sampler_train"],
-        )
-        valid_batch_sampler = DynamicBatchSampler(
-            valid_data,
-            length_func=lambda x: x["duration"],
-            **hparams["dynamic_batch_sampler_valid"],
-        )
-
-    return (
-        train_data,
-        valid_data,
-        test_datasets,
-        train_batch_sampler,
-        valid_batch_sampler,
-    )
+    sb.dataio.dataset.add_dynamic_item(datasets, text_pipeline)
+    sb.dataio.dataset.set_output_keys(datasets, ["id", "sig", "wrd", "tokens"])
+    return train_data, valid_data, test_datasets
 
 
 if __name__ == "__main__":
@@ -248,44 +166,9 @@ if __name__ == "__main__":
         overrides=overrides,
     )
 
-    # Data preparation: one csv per split, the training splits merged.
-    run_on_main(
-        prepare_librispeech,
-        kwargs={
-            "data_folder": hparams["data_folder"],
-            "save_folder": hparams["output_folder"],
-            "tr_splits": hparams["train_splits"],
-            "dev_splits": hparams["dev_splits"],
-            "te_splits": hparams["test_splits"],
-            "select_n_sentences": hparams["select_n_sentences"],
-            "merge_lst": hparams["train_splits"],
-            "merge_name": "train.csv",
-            "skip_prep": hparams["skip_prep"],
-        },
-    )
-
-    # Character tokenizer trained on the training transcripts
-    # (id 0 is both <unk> and the CTC blank). The folder is made here because
-    # SentencePiece's own check-then-create races between DDP processes.
-    os.makedirs(hparams["tokenizer_folder"], exist_ok=True)
-    tokenizer = SentencePiece(
-        model_dir=hparams["tokenizer_folder"],
-        vocab_size=hparams["output_neurons"],
-        annotation_train=hparams["train_csv"],
-        annotation_read="wrd",
-        model_type=hparams["token_type"],
-        character_coverage=hparams["character_coverage"],
-        bos_id=hparams["bos_index"],
-        eos_id=hparams["eos_index"],
-    )
-
-    (
-        train_data,
-        valid_data,
-        test_datasets,
-        train_bsampler,
-        valid_bsampler,
-    ) = dataio_prepare(hparams, tokenizer)
+    prepare_manifests(hparams)
+    tokenizer = train_tokenizer(hparams)  # characters in the published CTC configs
+    train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 
     asr_brain = ASR(
         modules=hparams["modules"],
@@ -295,41 +178,15 @@ if __name__ == "__main__":
         checkpointer=hparams["checkpointer"],
     )
     asr_brain.tokenizer = tokenizer
-    vocab_list = [
-        tokenizer.sp.id_to_piece(i) for i in range(tokenizer.sp.vocab_size())
-    ]
+    vocab_list = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.sp.vocab_size())]
     asr_brain.test_searcher = hparams["test_searcher"](vocab_list=vocab_list)
 
-    train_dataloader_opts = hparams["train_dataloader_opts"]
-    valid_dataloader_opts = hparams["valid_dataloader_opts"]
-    if train_bsampler is not None:
-        train_dataloader_opts = {
-            "batch_sampler": train_bsampler,
-            "num_workers": hparams["num_workers"],
-        }
-    if valid_bsampler is not None:
-        valid_dataloader_opts = {
-            "batch_sampler": valid_bsampler,
-            "num_workers": hparams["num_workers"],
-        }
-
+    train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
     asr_brain.fit(
         asr_brain.hparams.epoch_counter,
         train_data,
         valid_data,
-        train_loader_kwargs=train_dataloader_opts,
-        valid_loader_kwargs=valid_dataloader_opts,
+        train_loader_kwargs=train_loader_kwargs,
+        valid_loader_kwargs=valid_loader_kwargs,
     )
-
-    # Test on each test set with the averaged best checkpoints.
-    for name, test_set in test_datasets.items():
-        asr_brain.test_wer_file = os.path.join(
-            hparams["output_folder"], f"wer_{name}.txt"
-        )
-        asr_brain.evaluate(
-            test_set,
-            min_key="WER",
-            test_loader_kwargs=hparams["test_dataloader_opts"],
-        )
-        if if_main_process():
-            print(f"Test WER on {name}: {asr_brain.test_stats['WER']:.2f} %")
+    evaluate_test_sets(asr_brain, hparams, test_datasets, min_key="WER")

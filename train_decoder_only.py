@@ -19,7 +19,6 @@ Authors
  * Mamba-ASR recipes contributors
 """
 
-import logging
 import os
 import sys
 
@@ -29,16 +28,22 @@ from hyperpyyaml import load_hyperpyyaml
 
 import speechbrain as sb
 from speechbrain.dataio.dataio import length_to_mask
-from speechbrain.utils.distributed import if_main_process, run_on_main
+from speechbrain.utils.distributed import run_on_main
 
+from modules.recipe import (
+    RecipeBrain,
+    csv_name,
+    evaluate_test_sets,
+    load_datasets,
+    loader_options,
+    prepare_manifests,
+)
 from modules.speech_tokenizer import GENERATE_TEXT, sequence_text, train_joint_sentencepiece
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # targets that are not scored: speech units and the prefix
 
 
-class DecoderOnlyASR(sb.Brain):
+class DecoderOnlyASR(RecipeBrain):
     """Teacher-forced training on text tokens, accuracy at validation, beam search at test."""
 
     def compute_forward(self, batch, stage):
@@ -110,33 +115,11 @@ class DecoderOnlyASR(sb.Brain):
             )
         else:
             stage_stats["WER"] = self.wer_metric.summarize("error_rate")
-            self.test_stats = stage_stats
-            self.hparams.train_logger.log_stats(
-                stats_meta={"Epoch loaded": self.hparams.epoch_counter.current},
-                test_stats=stage_stats,
-            )
-            if if_main_process():
-                with open(self.test_wer_file, "w", encoding="utf-8") as w:
-                    self.wer_metric.write_stats(w)
-
-    def on_evaluate_start(self, max_key=None, min_key=None):
-        """Loads the average of the best checkpoints into the model."""
-        super().on_evaluate_start(max_key=max_key, min_key=min_key)
-        ckpts = self.checkpointer.find_checkpoints(
-            max_key=max_key,
-            min_key=min_key,
-            max_num_checkpoints=self.hparams.avg_checkpoints,
-        )
-        averaged = sb.utils.checkpoints.average_checkpoints(
-            ckpts, recoverable_name="model"
-        )
-        self.hparams.model.load_state_dict(averaged, strict=True)
-        self.hparams.model.eval()
-        logger.info(f"Loaded the average of {len(ckpts)} checkpoints.")
+            self.log_test_stats(stage_stats)
 
 
 def dataio_prepare(hparams, tokenizer, unit_csvs):
-    """Builds the datasets over the unit manifests and, with dynamic batching, their batch samplers.
+    """Builds the datasets over the unit manifests.
 
     Each item gives ``tokens`` [<startofspeech>, units, <generatetext>, text], ``targets`` (tokens
     shifted left with the end token appended, IGNORE_INDEX up to and including <generatetext>),
@@ -147,24 +130,12 @@ def dataio_prepare(hparams, tokenizer, unit_csvs):
     def encode(units, wrd):
         return tokenizer.sp.encode_as_ids(sequence_text(units, wrd.lower()))
 
-    def load_csv(path):
-        return sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=path)
-
-    train_data = load_csv(unit_csvs["train"])
-    if hparams["sorting"] in ("ascending", "descending"):
-        train_data = train_data.filtered_sorted(
-            sort_key="duration", reverse=hparams["sorting"] == "descending"
-        )
-        hparams["train_dataloader_opts"]["shuffle"] = False
-    elif hparams["sorting"] != "random":
-        raise ValueError("sorting must be random, ascending or descending")
-
-    # Sorted evaluation sets make batches with little padding.
-    valid_data = load_csv(unit_csvs["valid"]).filtered_sorted(sort_key="duration")
-    test_datasets = {
-        name: load_csv(unit_csvs[name]).filtered_sorted(sort_key="duration")
-        for name in csv_names(hparams["test_csv"])
-    }
+    train_data, valid_data, test_datasets = load_datasets(
+        hparams,
+        unit_csvs["train"],
+        unit_csvs["valid"],
+        {name: unit_csvs[name] for name in map(csv_name, hparams["test_csv"])},
+    )
     datasets = [train_data, valid_data] + list(test_datasets.values())
 
     @sb.utils.data_pipeline.takes("units", "wrd")
@@ -184,48 +155,15 @@ def dataio_prepare(hparams, tokenizer, unit_csvs):
         datasets, ["id", "words", "tokens", "targets", "prefix"]
     )
 
-    train_batch_sampler = valid_batch_sampler = None
-    if hparams["dynamic_batching"]:
-        from speechbrain.dataio.sampler import DynamicBatchSampler
-
-        # Batches are bounded in padded tokens, as ESPnet's length batches (madeon.md 4).
-        def num_tokens(row):
-            return len(encode(row["units"], row["wrd"]))
-
-        train_batch_sampler = DynamicBatchSampler(
-            train_data, length_func=num_tokens, **hparams["dynamic_batch_sampler_train"]
-        )
-        valid_batch_sampler = DynamicBatchSampler(
-            valid_data, length_func=num_tokens, **hparams["dynamic_batch_sampler_valid"]
-        )
-
-    return train_data, valid_data, test_datasets, train_batch_sampler, valid_batch_sampler
-
-
-def csv_names(csv_files):
-    """Data set names: the csv file names without folder and extension."""
-    return [os.path.splitext(os.path.basename(csv))[0] for csv in csv_files]
+    return train_data, valid_data, test_datasets, encode  # encode() also sizes dynamic batches
 
 
 def prepare_tokens(hparams):
-    """Data manifests, speech units and the joint SentencePiece model, each made once and then found
+    """Speech units of the manifests and the joint SentencePiece model, each made once and then found
     on disk. Returns the unit manifests (split name -> csv) and the tokenizer.
     """
-    from librispeech_prepare import prepare_librispeech
-
-    prepare_librispeech(
-        data_folder=hparams["data_folder"],
-        save_folder=hparams["output_folder"],
-        tr_splits=hparams["train_splits"],
-        dev_splits=hparams["dev_splits"],
-        te_splits=hparams["test_splits"],
-        select_n_sentences=hparams["select_n_sentences"],
-        merge_lst=hparams["train_splits"],
-        merge_name="train.csv",
-        skip_prep=hparams["skip_prep"],
-    )
     manifests = {"train": hparams["train_csv"], "valid": hparams["valid_csv"]}
-    manifests.update(zip(csv_names(hparams["test_csv"]), hparams["test_csv"]))
+    manifests.update({csv_name(path): path for path in hparams["test_csv"]})
     unit_csvs = hparams["speech_tokenizer"](
         hparams["train_csv"], manifests, hparams["token_folder"]
     )
@@ -259,18 +197,13 @@ if __name__ == "__main__":
     )
 
     # Manifests, speech units and the tokenizer are made on the main process; all find them on disk.
+    prepare_manifests(hparams)
     run_on_main(prepare_tokens, kwargs={"hparams": hparams})
     unit_csvs, tokenizer = prepare_tokens(hparams)
     if tokenizer.sp.piece_to_id(GENERATE_TEXT) != hparams["generate_text_index"]:
         raise ValueError("generate_text_index does not match the tokenizer's <generatetext>")
 
-    (
-        train_data,
-        valid_data,
-        test_datasets,
-        train_bsampler,
-        valid_bsampler,
-    ) = dataio_prepare(hparams, tokenizer, unit_csvs)
+    train_data, valid_data, test_datasets, encode = dataio_prepare(hparams, tokenizer, unit_csvs)
 
     asr_brain = DecoderOnlyASR(
         modules=hparams["modules"],
@@ -281,36 +214,15 @@ if __name__ == "__main__":
     )
     asr_brain.tokenizer = tokenizer
 
-    train_dataloader_opts = hparams["train_dataloader_opts"]
-    valid_dataloader_opts = hparams["valid_dataloader_opts"]
-    if train_bsampler is not None:
-        train_dataloader_opts = {
-            "batch_sampler": train_bsampler,
-            "num_workers": hparams["num_workers"],
-        }
-    if valid_bsampler is not None:
-        valid_dataloader_opts = {
-            "batch_sampler": valid_bsampler,
-            "num_workers": hparams["num_workers"],
-        }
-
+    # Batches are bounded in padded tokens, as ESPnet's length batches (madeon.md 4).
+    train_loader_kwargs, valid_loader_kwargs = loader_options(
+        hparams, train_data, valid_data, length_func=lambda row: len(encode(row["units"], row["wrd"]))
+    )
     asr_brain.fit(
         asr_brain.hparams.epoch_counter,
         train_data,
         valid_data,
-        train_loader_kwargs=train_dataloader_opts,
-        valid_loader_kwargs=valid_dataloader_opts,
+        train_loader_kwargs=train_loader_kwargs,
+        valid_loader_kwargs=valid_loader_kwargs,
     )
-
-    # Test on each test set with the averaged best checkpoints.
-    for name, test_set in test_datasets.items():
-        asr_brain.test_wer_file = os.path.join(
-            hparams["output_folder"], f"wer_{name}.txt"
-        )
-        asr_brain.evaluate(
-            test_set,
-            max_key="ACC",
-            test_loader_kwargs=hparams["test_dataloader_opts"],
-        )
-        if if_main_process():
-            print(f"Test WER on {name}: {asr_brain.test_stats['WER']:.2f} %")
+    evaluate_test_sets(asr_brain, hparams, test_datasets, max_key="ACC")

@@ -33,6 +33,15 @@ def inverse_softplus_dt(size, dt_min, dt_max, dt_init_floor):
     return dt + torch.log(-torch.expm1(-dt))
 
 
+def stack_directions(mixer, name, attribute=None):
+    """Parameter ``name`` (or ``name.attribute``) of each direction of ``mixer`` (suffixes "" and
+    "_b"), stacked on a new first axis, so that both directions run as one batched op."""
+    tensors = [getattr(mixer, name + suffix) for suffix in mixer.suffixes]
+    if attribute is not None:
+        tensors = [getattr(t, attribute) for t in tensors]
+    return torch.stack(tensors)
+
+
 class Mamba(nn.Module):
     """Selective state-space mixer over (batch, time, d_model).
 
@@ -108,13 +117,6 @@ class Mamba(nn.Module):
             setattr(self, "A_log" + suffix, A_log)
             setattr(self, "D" + suffix, D)
 
-    def _stacked(self, name, attribute=None):
-        """Parameter ``name`` (or ``name.attribute``) of each direction, stacked on a new first axis."""
-        tensors = [getattr(self, name + suffix) for suffix in self.suffixes]
-        if attribute is not None:
-            tensors = [getattr(t, attribute) for t in tensors]
-        return torch.stack(tensors)
-
     def forward(self, hidden, lengths=None, cache=None, reverse_index=None):
         """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional.
 
@@ -135,23 +137,23 @@ class Mamba(nn.Module):
             x = torch.cat([x, reverse_time(x, reverse_index, dim=2)], dim=1)
 
         directions = len(self.suffixes)
-        conv_weight = self._stacked("conv1d", "weight").view(directions * self.d_inner, -1)
-        conv_bias = self._stacked("conv1d", "bias").flatten() if self.conv1d.bias is not None else None
+        conv_weight = stack_directions(self, "conv1d", "weight").view(directions * self.d_inner, -1)
+        conv_bias = stack_directions(self, "conv1d", "bias").flatten() if self.conv1d.bias is not None else None
         x = causal_conv1d_silu(x, conv_weight, conv_bias)
         x = x.view(batch, directions, self.d_inner, time)
 
-        x_dbl = torch.einsum("bgdl,gkd->bgkl", x, self._stacked("x_proj", "weight"))
+        x_dbl = torch.einsum("bgdl,gkd->bgkl", x, stack_directions(self, "x_proj", "weight"))
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        dt = torch.einsum("bgrl,gdr->bgdl", dt, self._stacked("dt_proj", "weight"))
-        A = -torch.exp(self._stacked("A_log").float()).flatten(0, 1)
+        dt = torch.einsum("bgrl,gdr->bgdl", dt, stack_directions(self, "dt_proj", "weight"))
+        A = -torch.exp(stack_directions(self, "A_log").float()).flatten(0, 1)
         y = selective_scan(
             x.flatten(1, 2),
             dt.flatten(1, 2),
             A,
             B,
             C,
-            D=self._stacked("D").float().flatten(),
-            delta_bias=self._stacked("dt_proj", "bias").float().flatten(),
+            D=stack_directions(self, "D").float().flatten(),
+            delta_bias=stack_directions(self, "dt_proj", "bias").float().flatten(),
             delta_softplus=True,
         )
         if self.bidirectional:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .conv import causal_conv1d_silu
-from .mamba import inverse_softplus_dt
+from .mamba import inverse_softplus_dt, stack_directions
 from .reverse import reversal_index, reverse_time
 from .ssd import ssd_scan
 
@@ -107,13 +107,6 @@ class Mamba2(nn.Module):
             setattr(self, "A_log" + suffix, A_log)
             setattr(self, "D" + suffix, D)
 
-    def _stacked(self, name, attribute=None):
-        """Parameter ``name`` (or ``name.attribute``) of each direction, stacked on a new first axis."""
-        tensors = [getattr(self, name + suffix) for suffix in self.suffixes]
-        if attribute is not None:
-            tensors = [getattr(t, attribute) for t in tensors]
-        return torch.stack(tensors)
-
     def forward(self, hidden, lengths=None, cache=None, reverse_index=None):
         """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional.
 
@@ -138,8 +131,8 @@ class Mamba2(nn.Module):
             dt = torch.cat([dt, reverse_time(dt, reverse_index, dim=1)], dim=2)
 
         directions = len(self.suffixes)
-        conv_weight = self._stacked("conv1d", "weight").flatten(0, 1).squeeze(1)
-        conv_bias = self._stacked("conv1d", "bias").flatten() if self.conv1d.bias is not None else None
+        conv_weight = stack_directions(self, "conv1d", "weight").flatten(0, 1).squeeze(1)
+        conv_bias = stack_directions(self, "conv1d", "bias").flatten() if self.conv1d.bias is not None else None
         xBC = causal_conv1d_silu(xBC, conv_weight, conv_bias)
         xBC = xBC.view(batch, directions, -1, time).transpose(-1, -2)  # (batch, dir, time, conv_dim)
         x, B, C = xBC.split(
@@ -152,11 +145,11 @@ class Mamba2(nn.Module):
         y = ssd_scan(
             x,
             dt,
-            -torch.exp(self._stacked("A_log").float().flatten()),
+            -torch.exp(stack_directions(self, "A_log").float().flatten()),
             B,
             C,
-            D=self._stacked("D").float().flatten(),
-            dt_bias=self._stacked("dt_bias").float().flatten(),
+            D=stack_directions(self, "D").float().flatten(),
+            dt_bias=stack_directions(self, "dt_bias").float().flatten(),
             chunk_size=self.chunk_size,
         )
         y = y.reshape(batch, time, directions, self.d_inner)

@@ -3,10 +3,10 @@
 import os
 
 import pytest
-import yaml
 from hyperpyyaml import load_hyperpyyaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from recipe_runs import ROOT, count_parameters, yaml_top_level
+
 HPARAMS = os.path.join(ROOT, "hparams", "CTC")
 
 # Published parameter counts (millions) of the whole model.
@@ -27,25 +27,12 @@ def test_large_config_parameter_count(name, tmp_path):
             f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path)}
         )
     # Modules may share submodules (the encoder sits inside speech_encoder).
-    unique = {id(p): p for m in hparams["modules"].values() for p in m.parameters()}
-    n_params = sum(p.numel() for p in unique.values()) / 1e6
+    n_params = count_parameters(hparams["modules"].values()) / 1e6
     assert n_params == pytest.approx(PARAMS_M[name], rel=0.005)
 
 
 def top_level(name):
-    """Top-level yaml nodes as comparable plain values (tags kept, nothing built)."""
-
-    def plain(node):
-        if isinstance(node, yaml.MappingNode):
-            value = {k.value: plain(v) for k, v in node.value}
-        elif isinstance(node, yaml.SequenceNode):
-            value = [plain(v) for v in node.value]
-        else:
-            value = node.value
-        return node.tag, value
-
-    with open(os.path.join(HPARAMS, name), encoding="utf-8") as f:
-        return plain(yaml.compose(f))[1]
+    return yaml_top_level(os.path.join(HPARAMS, name))
 
 
 def test_large_configs_differ_only_in_encoder():

@@ -8,28 +8,14 @@ interrupted run must add up to exactly the batches of the uninterrupted run.
 """
 
 import os
-import subprocess
-import sys
 
 import torch
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_DATA = os.path.join(ROOT, "demo", "LibriSpeech")
-DEMO_YAML = os.path.join(ROOT, "hparams", "CTC", "demo_conmamba.yaml")
+from recipe_runs import run_tiny_ctc
+
 CRASH_CODE = 17
 CKPT_INTERVAL_STEPS = 2
-
-# A model small enough to train in seconds on a CPU.
-TINY_MODEL = [
-    "--d_model=64",
-    "--d_ffn=128",
-    "--num_encoder_layers=1",
-    "--kernel_size=7",
-    "--d_state=4",
-    "--cnn_channels=(8, 8)",
-    "--cnn_output_size=160",  # 8 channels x (80 mels / 4)
-]
 
 # Runs train_CTC.py in-process, counting training batches into $BATCH_COUNT_FILE.
 # With $CRASH_IN_EPOCH set, the process dies right after the first intra-epoch
@@ -73,30 +59,22 @@ def run_training(tmp_path, output_folder, crash_in_epoch=0):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER, encoding="utf-8")
     count_file = tmp_path / "batches.txt"
-    cmd = [
-        sys.executable,
-        str(driver),
-        os.path.join(ROOT, "train_CTC.py"),
-        DEMO_YAML,
-        f"--data_folder={DEMO_DATA}",
-        f"--output_folder={output_folder}",
-        "--noprogressbar",
-        "--select_n_sentences=[24, 4, 4]",
-        "--number_of_epochs=2",
-        "--max_batch_length_train=6",
-        f"--ckpt_interval_steps={CKPT_INTERVAL_STEPS}",
-        *TINY_MODEL,
-    ]
     env = dict(
         os.environ,
         CRASH_IN_EPOCH=str(crash_in_epoch),
         BATCH_COUNT_FILE=str(count_file),
     )
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    run_tiny_ctc(
+        output_folder,
+        "--select_n_sentences=[24, 4, 4]",
+        "--number_of_epochs=2",
+        "--max_batch_length_train=6",
+        f"--ckpt_interval_steps={CKPT_INTERVAL_STEPS}",
+        launcher=[str(driver)],
+        cwd=tmp_path,
+        env=env,
+        returncode=CRASH_CODE if crash_in_epoch else 0,
     )
-    expected = CRASH_CODE if crash_in_epoch else 0
-    assert proc.returncode == expected, proc.stdout[-3000:] + proc.stderr[-3000:]
     return int(count_file.read_text())
 
 

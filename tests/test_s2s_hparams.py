@@ -12,8 +12,8 @@ from speechbrain.lobes.models.transformer.TransformerASR import TransformerASR
 from speechbrain.nnet.activations import Swish
 
 from modules.mamba.mamba import Mamba
+from recipe_runs import ROOT, count_parameters, yaml_top_level
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HPARAMS = os.path.join(ROOT, "hparams", "S2S")
 MODELS = ("conformer", "conmamba", "conmambamamba")
 
@@ -72,27 +72,14 @@ def load(name, tmp_path):
 
 
 def top_level(name):
-    """Top-level yaml nodes as comparable plain values (tags kept, nothing built)."""
-
-    def plain(node):
-        if isinstance(node, yaml.MappingNode):
-            value = {k.value: plain(v) for k, v in node.value}
-        elif isinstance(node, yaml.SequenceNode):
-            value = [plain(v) for v in node.value]
-        else:
-            value = node.value
-        return node.tag, value
-
-    with open(os.path.join(HPARAMS, name), encoding="utf-8") as f:
-        return plain(yaml.compose(f))[1]
+    return yaml_top_level(os.path.join(HPARAMS, name))
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS_M))
 def test_published_config_parameter_count(name, tmp_path):
     hparams = load(name, tmp_path)
     # Modules share submodules (ctc_lin is also in the CTC scorer): count each parameter once.
-    unique = {id(p): p for m in hparams["modules"].values() for p in m.parameters()}
-    n_params = sum(p.numel() for p in unique.values()) / 1e6
+    n_params = count_parameters(hparams["modules"].values()) / 1e6
     assert n_params == pytest.approx(PARAMS_M[name], rel=0.005)
 
 

@@ -5,16 +5,11 @@ trains a few epochs, averages the best checkpoints and beam-searches the test sl
 loss must fall and the WER file must exist. The three runs share one speech-token cache.
 """
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_DATA = os.path.join(ROOT, "demo", "LibriSpeech")
-YAMLS = os.path.join(ROOT, "hparams", "decoder_only")
+from recipe_runs import run_script, train_losses
 
 # Small enough to train in seconds on a CPU.
 TINY = [
@@ -46,28 +41,17 @@ def token_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("speech_tokens")
 
 
-def train_losses(train_log):
-    """Per-epoch training losses from SpeechBrain's train_log.txt."""
-    with open(train_log, encoding="utf-8") as f:
-        return [float(x) for x in re.findall(r"train loss: ([0-9.e+-]+)", f.read())]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_training_run_lowers_the_loss_and_decodes(family, tmp_path, token_folder):
     yaml, overrides = FAMILIES[family]
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train_decoder_only.py"),
-        os.path.join(YAMLS, yaml),
-        f"--data_folder={DEMO_DATA}",
-        f"--output_folder={tmp_path}",
+    proc = run_script(
+        "train_decoder_only.py",
+        f"hparams/decoder_only/{yaml}",
+        tmp_path,
         f"--token_folder={token_folder}",
-        "--noprogressbar",
         *TINY,
         *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
 
     losses = train_losses(tmp_path / "train_log.txt")
     assert len(losses) == 6

@@ -9,17 +9,13 @@ when ``lm_file`` is set.
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
+from recipe_runs import ROOT, run_script
 from train_S2S import build_test_scorer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_DATA = os.path.join(ROOT, "demo", "LibriSpeech")
 
 # A model small enough to train in seconds on a CPU.
 TINY_MODEL = [
@@ -48,21 +44,15 @@ TINY_RUN = [
 
 def run_recipe(config, output_folder, *overrides):
     """Runs train_S2S.py on hparams/S2S/demo_<config>.yaml from tmp space; returns the finished process."""
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train_S2S.py"),
-        os.path.join(ROOT, "hparams", "S2S", f"demo_{config}.yaml"),
-        f"--data_folder={DEMO_DATA}",
-        f"--output_folder={output_folder}",
-        "--noprogressbar",
+    return run_script(
+        "train_S2S.py",
+        f"hparams/S2S/demo_{config}.yaml",
+        output_folder,
         *TINY_MODEL,
         *(TINY_MAMBA if "mamba" in config else []),
         *TINY_RUN,
         *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=output_folder, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    )
 
 
 def log_epochs(train_log):

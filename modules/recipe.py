@@ -39,7 +39,7 @@ class RecipeBrain(sb.Brain):
         """Logs the test statistics and writes the per-utterance WER report to ``test_wer_file``."""
         self.test_stats = stage_stats
         self.hparams.train_logger.log_stats(
-            stats_meta={"Epochs trained": self.hparams.epoch_counter.current}, test_stats=stage_stats
+            stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stage_stats
         )
         if if_main_process():
             with open(self.test_wer_file, "w", encoding="utf-8") as w:

@@ -214,6 +214,17 @@ def environment(device):
     )
 
 
+def write_results(rows, args, device):
+    """``results.csv`` (a row per cell) and ``results.json`` (with the environment and the settings) in ``args.out``."""
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(environment=environment(device), settings=vars(args), results=rows), f, indent=2)
+
+
 def markdown_tables(rows):
     """One markdown table per mode: a row per model, a column per length."""
     tables = []
@@ -357,13 +368,7 @@ def main(argv=None):
                 rows.append(row)
 
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(environment=environment(device), settings=vars(args), results=rows), f, indent=2)
+        write_results(rows, args, device)
         write_plots(rows, args.out)
         logger.info("wrote %s", args.out)
     print(markdown_tables(rows))

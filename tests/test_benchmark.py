@@ -1,4 +1,4 @@
-"""End-to-end run of bench/benchmark.py in its --smoke mode (tiny shapes, CPU)."""
+"""End-to-end runs of the benchmark scripts in their --smoke modes (tiny shapes, CPU)."""
 
 import csv
 import json
@@ -10,13 +10,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["conmamba", "conmamba2", "conformer_relpos", "conformer_sdpa"]
 
 
-def test_smoke_run_writes_one_row_per_cell(tmp_path):
-    command = [sys.executable, "bench/benchmark.py", "--smoke", "--device", "cpu", "--out", str(tmp_path)]
+def smoke_run(script, out):
+    """Runs ``bench/<script> --smoke --device cpu --out <out>``; returns (rows of results.csv, stdout)."""
+    command = [sys.executable, f"bench/{script}", "--smoke", "--device", "cpu", "--out", str(out)]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f)), completed.stdout
 
-    with open(tmp_path / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+
+def test_smoke_run_writes_one_row_per_cell(tmp_path):
+    rows, stdout = smoke_run("benchmark.py", tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     cells = [(r["what"], r["model"], float(r["seconds"])) for r in rows]
     expected = [(what, model, seconds) for what in ("layer", "encoder") for model in MODELS for seconds in (0.4, 0.8)]
@@ -28,4 +32,18 @@ def test_smoke_run_writes_one_row_per_cell(tmp_path):
         assert row["peak_mib"] == ""  # not measured on CPU
     assert results["environment"]["mamba_ssm_kernels_used"] is False
     assert "--smoke" in results["environment"]["command"]
-    assert "| conmamba |" in completed.stdout
+    assert "| conmamba |" in stdout
+
+
+def test_decoding_smoke_run_times_cached_and_uncached_searches(tmp_path):
+    rows, stdout = smoke_run("decoding.py", tmp_path)
+    searches = {(r["yaml"], r["search"], float(r["audio_s"])) for r in rows}
+    for seconds in (1.0, 2.0):
+        # the Mamba decoders are timed with and without their cache, the Transformer ones without
+        for yaml_file in ("hparams/S2S/conmambamamba_large.yaml", "hparams/decoder_only/mamba_parallel.yaml"):
+            assert {(yaml_file, "cache", seconds), (yaml_file, "no cache", seconds)} <= searches
+        assert ("hparams/S2S/conmamba_large.yaml", "no cache", seconds) in searches
+        assert ("hparams/decoder_only/transformer.yaml", "cache", seconds) not in searches
+    for row in rows:
+        assert float(row["ms_per_utterance"]) > 0 and int(row["tokens"]) > 0
+    assert "no cache / cache" in stdout

@@ -47,3 +47,16 @@ def test_decoding_smoke_run_times_cached_and_uncached_searches(tmp_path):
     for row in rows:
         assert float(row["ms_per_utterance"]) > 0 and int(row["tokens"]) > 0
     assert "no cache / cache" in stdout
+
+
+def test_scan_floor_smoke_run_counts_bytes_and_measures_bandwidth(tmp_path):
+    (one, both), stdout = smoke_run("scan_floor.py", tmp_path)
+    assert (one["layout"], both["layout"]) == ("one direction", "BiMamba one scan")
+    # both directions in one scan: twice the channels and two B/C groups, so exactly twice the floor
+    for count in ("forward_bytes", "backward_bytes", "forward_flops"):
+        assert int(both[count]) == 2 * int(one[count]) > 0
+    for row in (one, both):
+        assert float(row["copy_GBps"]) > 0
+        assert float(row["forward_ms"]) > 0 and float(row["backward_ms"]) > 0
+        assert 0 < float(row["forward_share_of_copy_bandwidth"]) < 1
+    assert "Device-to-device copy" in stdout

@@ -50,11 +50,11 @@ SMOKE_OVERRIDES = {  # tiny versions of the published models, for the CPU smoke 
 def load_yaml(path, overrides):
     """A recipe yaml built with placeholder folders (nothing is read or written there) and those of
     ``overrides`` that are top-level keys of the yaml."""
-    folder = tempfile.mkdtemp(prefix="decoding_bench_")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     overrides = {key: value for key, value in overrides.items() if f"\n{key}:" in text}
-    return load_hyperpyyaml(text, {"data_folder": folder, "output_folder": folder, **overrides})
+    with tempfile.TemporaryDirectory(prefix="decoding_bench_") as folder:
+        return load_hyperpyyaml(text, {"data_folder": folder, "output_folder": folder, **overrides})
 
 
 def median_ms(search, device, repeats):

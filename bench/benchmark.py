@@ -214,6 +214,22 @@ def environment(device):
     )
 
 
+def median_ms(step, device, warmup, repeats):
+    """Median wall-clock milliseconds of ``step()`` over ``repeats`` calls after ``warmup`` untimed ones,
+    synchronising the GPU around each call."""
+    times = []
+    for call in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if call >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def write_results(rows, args, device):
     """``results.csv`` (a row per cell) and ``results.json`` (with the environment and the settings) in ``args.out``."""
     os.makedirs(args.out, exist_ok=True)

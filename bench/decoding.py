@@ -21,10 +21,8 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -34,7 +32,7 @@ from hyperpyyaml import load_hyperpyyaml  # noqa: E402
 from speechbrain.decoders.scorer import ScorerBuilder  # noqa: E402
 from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher  # noqa: E402
 
-from bench.benchmark import DTYPES, FRAME_SECONDS, write_results  # noqa: E402
+from bench.benchmark import DTYPES, FRAME_SECONDS, median_ms, write_results  # noqa: E402
 from modules.decoder_only_search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer  # noqa: E402
 from modules.searchers import S2SMambaBeamSearcher  # noqa: E402
 
@@ -55,20 +53,6 @@ def load_yaml(path, overrides):
     overrides = {key: value for key, value in overrides.items() if f"\n{key}:" in text}
     with tempfile.TemporaryDirectory(prefix="decoding_bench_") as folder:
         return load_hyperpyyaml(text, {"data_folder": folder, "output_folder": folder, **overrides})
-
-
-def median_ms(search, device, repeats):
-    """Median milliseconds of ``search()`` over ``repeats`` calls after one warm-up call."""
-    times = []
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        search()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:])
 
 
 def s2s_searches(hparams, beam, steps_ratio, ctc_weight):
@@ -105,7 +89,7 @@ def bench_s2s(yaml_file, args, device, dtype):
             enc_out = hparams["encoder_decoder"].encode(hparams["CNN"](feats), wav_lens)
             for name, searcher in searches.items():
                 hyps = []
-                ms = median_ms(lambda: hyps.append(searcher(enc_out, wav_lens)[0]), device, args.repeats)
+                ms = median_ms(lambda: hyps.append(searcher(enc_out, wav_lens)[0]), device, 1, args.repeats)
                 rows.append(
                     row("s2s", yaml_file, name, seconds, enc_out.shape[1], len(hyps[-1][0]), args.beam, ms, ctc_weight)
                 )
@@ -133,7 +117,7 @@ def bench_madeon(yaml_file, args, device, dtype):
                 scorer, hparams["generate_text_index"], hparams["eos_index"], args.beam, steps, length_penalty=1.0
             )
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                ms = median_ms(lambda: searcher(prefix, lengths), device, args.repeats)
+                ms = median_ms(lambda: searcher(prefix, lengths), device, 1, args.repeats)
             rows.append(row("madeon", yaml_file, name, seconds, units + 1, steps, args.beam, ms, None))
     return rows
 

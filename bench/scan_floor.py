@@ -30,15 +30,13 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.benchmark import DTYPES, write_results  # noqa: E402
+from bench.benchmark import DTYPES, median_ms, write_results  # noqa: E402
 from modules.mamba.selective_scan import selective_scan  # noqa: E402
 
 logger = logging.getLogger("scan_floor")
@@ -69,21 +67,6 @@ def scan_inputs(batch, channels, frames, state, groups, dtype, device):
     D = torch.ones(channels, device=device, requires_grad=True)
     delta_bias = torch.full((channels,), -3.0, device=device, requires_grad=True)
     return u, delta, A, B, C, D, z, delta_bias
-
-
-def median_ms(step, device, warmup, repeats):
-    """Median milliseconds of ``step()`` after ``warmup`` untimed calls."""
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def copy_bandwidth(device, mebibytes, warmup, repeats):

@@ -51,6 +51,7 @@ def prepare_librispeech(
     merge_lst=(),
     merge_name=None,
     skip_prep=False,
+    bad_data="fail",
 ):
     """Write one CSV manifest per split, and optionally their concatenation.
 
@@ -71,17 +72,24 @@ def prepare_librispeech(
         Name of the merged CSV (``.csv`` is appended unless already there).
     skip_prep : bool
         If True, do nothing (the CSVs are expected to exist).
+    bad_data : str
+        What to do with an utterance whose transcript is empty or whose audio
+        is missing, empty, unreadable or not sampled at 16 kHz: ``"fail"``
+        raises, ``"skip"`` leaves it out with a warning naming the file.
 
     Raises
     ------
     FileNotFoundError
         If ``data_folder`` or a split folder does not exist.
     DataPreparationError
-        If a transcript or audio file is missing, empty, unreadable or not
-        sampled at 16 kHz; the message names the file and how to fix it.
+        With ``bad_data="fail"``, if a transcript or audio file is missing,
+        empty, unreadable or not sampled at 16 kHz; the message names the
+        file and how to fix it.
     """
     if skip_prep:
         return
+    if bad_data not in ("fail", "skip"):
+        raise ValueError(f"bad_data must be fail or skip, not {bad_data!r}")
     splits = list(tr_splits) + list(dev_splits) + list(te_splits)
     n_sentences = _per_split(select_n_sentences, splits)
     merge_lst = list(merge_lst)
@@ -93,6 +101,7 @@ def prepare_librispeech(
         "select_n_sentences": n_sentences,
         "merge_lst": merge_lst,
         "merge_name": merge_csv,
+        "bad_data": bad_data,
     }
     csv_names = [f"{split}.csv" for split in splits]
     if merge_csv:
@@ -111,7 +120,7 @@ def prepare_librispeech(
 
     rows = {}
     for split, n in zip(splits, n_sentences):
-        rows[split] = _split_rows(os.path.join(data_folder, split), n)
+        rows[split] = _split_rows(os.path.join(data_folder, split), n, bad_data)
         _write_csv(os.path.join(save_folder, f"{split}.csv"), rows[split])
         hours = sum(row[1] for row in rows[split]) / 3600
         logger.info("%s: %d utterances, %.2f hours.", split, len(rows[split]), hours)
@@ -187,8 +196,12 @@ def _check_split_folders(data_folder, splits):
             )
 
 
-def _split_rows(split_folder, n_sentences=None):
-    """Return the manifest rows ``[ID, duration, wav, spk_id, wrd]`` of a split."""
+def _split_rows(split_folder, n_sentences=None, bad_data="fail"):
+    """Return the manifest rows ``[ID, duration, wav, spk_id, wrd]`` of a split.
+
+    An utterance that cannot be trained on raises DataPreparationError, or is
+    left out with a warning naming its file if ``bad_data`` is ``"skip"``.
+    """
     pattern = os.path.join(split_folder, "*", "*", "*.trans.txt")
     trans_files = sorted(glob.glob(pattern))
     if not trans_files:
@@ -197,21 +210,42 @@ def _split_rows(split_folder, n_sentences=None):
             "is it a LibriSpeech split folder?"
         )
 
-    utterances = []
+    utterances, problems = [], []
     for trans_file in trans_files:
-        utterances.extend(_read_transcripts(trans_file))
+        for utterance in _read_transcripts(trans_file):
+            if isinstance(utterance, DataPreparationError):
+                _raise_or_collect(utterance, bad_data, problems)
+            else:
+                utterances.append(utterance)
     if n_sentences is not None:
         utterances = utterances[:n_sentences]
 
     durations = _read_durations([wav for _, wav, _, _ in utterances])
-    return [
-        [utt_id, duration, wav, spk_id, words]
-        for (utt_id, wav, spk_id, words), duration in zip(utterances, durations)
-    ]
+    rows = []
+    for (utt_id, wav, spk_id, words), duration in zip(utterances, durations):
+        if isinstance(duration, DataPreparationError):
+            _raise_or_collect(duration, bad_data, problems)
+        else:
+            rows.append([utt_id, duration, wav, spk_id, words])
+    for problem in problems:
+        logger.warning("Left out an utterance: %s", problem)
+    if problems:
+        logger.warning(
+            "%s: left out %d utterances (bad_data: skip).", split_folder, len(problems)
+        )
+    return rows
+
+
+def _raise_or_collect(problem, bad_data, problems):
+    """Raise ``problem`` if ``bad_data`` is ``"fail"``, else add it to ``problems``."""
+    if bad_data == "fail":
+        raise problem
+    problems.append(problem)
 
 
 def _read_transcripts(trans_file):
-    """Return ``(ID, wav, spk_id, wrd)`` for each line of a chapter transcript."""
+    """Return ``(ID, wav, spk_id, wrd)`` for each line of a chapter transcript,
+    or a DataPreparationError for a line without words or audio."""
     chapter_folder = os.path.dirname(os.path.abspath(trans_file))
     spk_id = os.path.basename(os.path.dirname(chapter_folder))
     utterances = []
@@ -221,23 +255,25 @@ def _read_transcripts(trans_file):
                 continue
             utt_id, _, words = line.strip().partition(" ")
             words = words.strip()
+            wav = os.path.join(chapter_folder, f"{utt_id}.flac")
             if not words:
-                raise DataPreparationError(
+                utterances.append(DataPreparationError(
                     f"Empty transcript for {utt_id} in {trans_file}, line "
                     f"{line_number}: add the text or remove the line."
-                )
-            wav = os.path.join(chapter_folder, f"{utt_id}.flac")
-            if not os.path.isfile(wav):
-                raise DataPreparationError(
+                ))
+            elif not os.path.isfile(wav):
+                utterances.append(DataPreparationError(
                     f"{trans_file}, line {line_number}: audio file {wav} is "
                     "missing. Restore it or remove the line."
-                )
-            utterances.append((utt_id, wav, spk_id, words))
+                ))
+            else:
+                utterances.append((utt_id, wav, spk_id, words))
     return utterances
 
 
 def _read_durations(wavs):
-    """Return the durations of ``wavs`` in seconds, in parallel for big corpora."""
+    """Return the duration in seconds (or a DataPreparationError) of each of
+    ``wavs``, in parallel for big corpora."""
     processes = min(os.cpu_count() or 1, len(wavs) // PARALLEL_MIN_FILES)
     if processes < 2:
         return [_read_duration(wav) for wav in wavs]
@@ -246,18 +282,23 @@ def _read_durations(wavs):
 
 
 def _read_duration(wav):
-    """Return the duration of one audio file, checking it is readable 16 kHz audio."""
+    """Return the duration of one audio file, or a DataPreparationError if it
+    is not readable, non-empty 16 kHz audio."""
     try:
         info = soundfile.info(wav)
     except RuntimeError as error:
-        raise DataPreparationError(
+        return DataPreparationError(
             f"Cannot read audio file {wav} ({error}): replace it with a valid "
             "FLAC file or remove its transcript line."
-        ) from None
+        )
     if info.samplerate != SAMPLE_RATE:
-        raise DataPreparationError(
+        return DataPreparationError(
             f"Audio file {wav} is sampled at {info.samplerate} Hz, not "
             f"{SAMPLE_RATE} Hz: resample it, e.g. sox in.flac -r 16000 out.flac."
+        )
+    if info.frames == 0:
+        return DataPreparationError(
+            f"Audio file {wav} is empty: replace it or remove its transcript line."
         )
     return info.frames / info.samplerate
 
@@ -294,6 +335,14 @@ if __name__ == "__main__":
         required=True,
         help="split folders to prepare, e.g. train-clean-100 dev-clean",
     )
+    parser.add_argument(
+        "--bad_data",
+        choices=["fail", "skip"],
+        default="fail",
+        help="stop at an unusable utterance (fail) or leave it out with a warning (skip)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    prepare_librispeech(args.data_folder, args.save_folder, tr_splits=args.splits)
+    prepare_librispeech(
+        args.data_folder, args.save_folder, tr_splits=args.splits, bad_data=args.bad_data
+    )

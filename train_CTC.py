@@ -21,10 +21,10 @@ Authors
 import sys
 
 import torch
-from hyperpyyaml import load_hyperpyyaml
 
 import speechbrain as sb
 
+from modules.hparams import load_hparams
 from modules.recipe import (
     RecipeBrain,
     add_audio_pipelines,
@@ -35,6 +35,20 @@ from modules.recipe import (
     prepare_manifests,
     train_tokenizer,
 )
+
+
+# Every key of the yaml that this recipe reads: checked before any work is done
+# (tests/test_config_checks.py keeps the list complete).
+REQUIRED_HPARAMS = """
+    avg_checkpoints bad_data blank_index bos_index cer_computer character_coverage checkpointer
+    compute_features ctc_cost data_folder dev_splits dynamic_batch_sampler_train
+    dynamic_batch_sampler_valid dynamic_batching eos_index epoch_counter error_rate_computer
+    fea_augment log_softmax max_duration model model_opt_class modules noam_annealing
+    num_workers output_folder output_neurons sample_rate select_n_sentences skip_prep sorting
+    speed_perturb test_csv test_dataloader_opts test_searcher test_splits token_type
+    tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
+    valid_dataloader_opts
+""".split()
 
 
 class ASR(RecipeBrain):
@@ -157,8 +171,7 @@ if __name__ == "__main__":
     # Initialize ddp (useful only for multi-GPU DDP training)
     sb.utils.distributed.ddp_init_group(run_opts)
 
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+    hparams = load_hparams(hparams_file, overrides, REQUIRED_HPARAMS)
 
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],

@@ -26,11 +26,11 @@ import logging
 import sys
 
 import torch
-from hyperpyyaml import load_hyperpyyaml
 
 import speechbrain as sb
 from speechbrain.decoders.scorer import ScorerBuilder
 
+from modules.hparams import load_hparams
 from modules.recipe import (
     RecipeBrain,
     add_audio_pipelines,
@@ -43,6 +43,21 @@ from modules.recipe import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+# Every key of the yaml that this recipe reads: checked before any work is done
+# (tests/test_config_checks.py keeps the list complete).
+REQUIRED_HPARAMS = """
+    acc_computer avg_checkpoints bad_data bos_index character_coverage checkpointer
+    compute_features ctc_cost ctc_scorer ctc_weight ctc_weight_decode data_folder dev_splits
+    dynamic_batch_sampler_train dynamic_batch_sampler_valid dynamic_batching eos_index
+    epoch_counter error_rate_computer fea_augment lm_file lm_model lm_scorer lm_weight
+    log_softmax max_duration model model_opt_class modules noam_annealing num_workers
+    output_folder output_neurons sample_rate select_n_sentences seq_cost skip_prep sorting
+    speed_perturb test_csv test_dataloader_opts test_search test_splits token_type
+    tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
+    valid_dataloader_opts valid_search valid_search_interval
+""".split()
 
 
 class ASR(RecipeBrain):
@@ -214,8 +229,7 @@ if __name__ == "__main__":
     # Initialize ddp (useful only for multi-GPU DDP training)
     sb.utils.distributed.ddp_init_group(run_opts)
 
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+    hparams = load_hparams(hparams_file, overrides, REQUIRED_HPARAMS)
 
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],

@@ -8,21 +8,86 @@ import logging
 import os
 
 import speechbrain as sb
+import torch
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from librispeech_prepare import prepare_librispeech
+from modules.checkpointing import average_checkpoints
+from modules.data_checks import collate_readable, load_manifest, read_checked_audio
 
 logger = logging.getLogger(__name__)
 
 
 class RecipeBrain(sb.Brain):
-    """A ``Brain`` that tests with the average of its best checkpoints and writes the test WER.
+    """A ``Brain`` that skips and counts optimizer steps with a NaN or inf loss or gradient, tests with
+    the average of its best checkpoints and writes the test WER.
 
     Subclasses call :meth:`log_test_stats` at the end of the test stage; the main script sets
     ``test_wer_file`` before each ``evaluate`` (see :func:`evaluate_test_sets`).
     """
+
+    nonfinite_loss = False  # a NaN or inf loss since the last optimizer step
+
+    def check_loss_isfinite(self, loss):
+        """Counts a NaN or inf loss; its optimizer step is skipped (see :meth:`check_gradients`)."""
+        if not torch.isfinite(loss):
+            self.count_nonfinite_step("loss")
+            self.nonfinite_loss = True
+
+    def check_gradients(self):
+        """Skips the whole optimizer step after a NaN or inf loss or gradient, on every process.
+
+        SpeechBrain's own check drops only the parameters concerned and counts nothing, so a persistent
+        fault would stall training silently. Runs with ``skip_nonfinite_grads: True`` and without fp16's
+        GradScaler, which skips such steps itself.
+        """
+        params = [p for p in self.modules.parameters() if p.grad is not None]
+        faults = sum(torch.isfinite(p.grad).logical_not().any().int() for p in params) + int(self.nonfinite_loss)
+        faults = torch.as_tensor(faults, device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(faults)  # the processes must all step, or all skip
+        if not faults:
+            return
+        if not self.nonfinite_loss:
+            self.count_nonfinite_step("gradient")
+        self.nonfinite_loss = False
+        for p in params:
+            p.grad = None
+
+    def count_nonfinite_step(self, what):
+        """Logs a skipped step; stops training after ``nonfinite_patience`` of them in an epoch."""
+        self.nonfinite_count += 1
+        epoch = self.hparams.epoch_counter.current
+        if self.nonfinite_count > self.nonfinite_patience:
+            raise FloatingPointError(
+                f"Training stopped: {self.nonfinite_count} optimizer steps of epoch {epoch} had a NaN or inf "
+                f"{what}, more than nonfinite_patience ({self.nonfinite_patience}). Lower the learning rate, "
+                "train in fp32 (precision: fp32) or check the data; torch.autograd.detect_anomaly() finds "
+                "the operation that first gives a NaN."
+            )
+        logger.warning(
+            f"Skipped optimizer step {self.optimizer_step + 1} (epoch {epoch}): NaN or inf {what} "
+            f"({self.nonfinite_count} of at most {self.nonfinite_patience} skipped steps this epoch)"
+        )
+
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        """SpeechBrain's loaders, made so that a run resumed mid-epoch trains on the batches, in the
+        order and with the random draws of the uninterrupted run.
+
+        The training loader draws its workers' seed from its own generator, not from the global
+        ones that the checkpoint restores (``modules/checkpointing.py``). A dynamic batch sampler
+        gets ``set_epoch`` each epoch: SpeechBrain calls it only under DDP, and without it the
+        batch order depends on how many epochs this process has run, not on the epoch.
+        """
+        if stage != sb.Stage.TRAIN:
+            return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        loader_kwargs.setdefault("generator", torch.Generator().manual_seed(torch.initial_seed()))
+        loader = super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+        if self.train_sampler is None and hasattr(loader.batch_sampler, "set_epoch"):
+            self.train_sampler = loader.batch_sampler
+        return loader
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Loads the average of the ``hparams.avg_checkpoints`` best checkpoints into the model."""
@@ -30,10 +95,9 @@ class RecipeBrain(sb.Brain):
         checkpoints = self.checkpointer.find_checkpoints(
             max_key=max_key, min_key=min_key, max_num_checkpoints=self.hparams.avg_checkpoints
         )
-        averaged = sb.utils.checkpoints.average_checkpoints(checkpoints, recoverable_name="model")
+        averaged = average_checkpoints(checkpoints, recoverable_name="model")
         self.hparams.model.load_state_dict(averaged, strict=True)
         self.hparams.model.eval()
-        logger.info(f"Loaded the average of {len(checkpoints)} checkpoints.")
 
     def log_test_stats(self, stage_stats):
         """Logs the test statistics and writes the per-utterance WER report to ``test_wer_file``."""
@@ -60,6 +124,7 @@ def prepare_manifests(hparams):
             "merge_lst": hparams["train_splits"],
             "merge_name": "train.csv",
             "skip_prep": hparams["skip_prep"],
+            "bad_data": hparams["bad_data"],
         },
     )
 
@@ -89,15 +154,14 @@ def csv_name(path):
 
 
 def load_datasets(hparams, train_csv, valid_csv, test_csvs):
-    """Train, valid and {name: test} datasets; training order from ``hparams["sorting"]``.
+    """Train, valid and {name: test} datasets of the usable manifest rows (``hparams["bad_data"]``);
+    training order from ``hparams["sorting"]``.
 
     Evaluation sets are sorted by duration, which makes batches with little padding.
     """
 
     def load(path):
-        return sb.dataio.dataset.DynamicItemDataset.from_csv(
-            csv_path=path, replacements={"data_root": hparams["data_folder"]}
-        )
+        return load_manifest(path, hparams["data_folder"], hparams["bad_data"], hparams["max_duration"])
 
     train_data = load(train_csv)
     if hparams["sorting"] in ("ascending", "descending"):
@@ -113,18 +177,19 @@ def load_datasets(hparams, train_csv, valid_csv, test_csvs):
 
 
 def add_audio_pipelines(hparams, train_data, eval_datasets):
-    """Adds the item ``sig``: the waveform, speed-perturbed for training (in the loader workers)."""
+    """Adds the item ``sig``: the waveform, speed-perturbed for training (in the loader workers);
+    None for unreadable audio with ``bad_data: skip`` (the loader drops it, see :func:`loader_options`)."""
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        return sb.dataio.dataio.read_audio(wav)
+        return read_checked_audio(wav, hparams["sample_rate"], hparams["bad_data"])
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline_train(wav):
-        sig = sb.dataio.dataio.read_audio(wav)
-        return hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
+        sig = read_checked_audio(wav, hparams["sample_rate"], hparams["bad_data"])
+        return None if sig is None else hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
 
     sb.dataio.dataset.add_dynamic_item([train_data], audio_pipeline_train)
     sb.dataio.dataset.add_dynamic_item(eval_datasets, audio_pipeline)
@@ -132,16 +197,22 @@ def add_audio_pipelines(hparams, train_data, eval_datasets):
 
 def loader_options(hparams, train_data, valid_data, length_func=lambda row: row["duration"]):
     """``fit``'s loader arguments: dynamic batches bounded by ``length_func`` when
-    ``hparams["dynamic_batching"]`` (seconds of audio by default), else the yaml's loader options."""
+    ``hparams["dynamic_batching"]`` (seconds of audio by default), else the yaml's loader options.
+    Batches leave out the utterances whose audio could not be read (``bad_data: skip``)."""
     if not hparams["dynamic_batching"]:
-        return hparams["train_dataloader_opts"], hparams["valid_dataloader_opts"]
+        return (
+            dict(hparams["train_dataloader_opts"], collate_fn=collate_readable),
+            dict(hparams["valid_dataloader_opts"], collate_fn=collate_readable),
+        )
     options = []
     for data, sampler_options in [
         (train_data, hparams["dynamic_batch_sampler_train"]),
         (valid_data, hparams["dynamic_batch_sampler_valid"]),
     ]:
         sampler = DynamicBatchSampler(data, length_func=length_func, **sampler_options)
-        options.append({"batch_sampler": sampler, "num_workers": hparams["num_workers"]})
+        options.append(
+            {"batch_sampler": sampler, "num_workers": hparams["num_workers"], "collate_fn": collate_readable}
+        )
     return tuple(options)
 
 
@@ -150,6 +221,7 @@ def evaluate_test_sets(brain, hparams, test_datasets, **best_key):
     writes ``wer_<set>.txt`` to the output folder and prints the WER."""
     for name, test_set in test_datasets.items():
         brain.test_wer_file = os.path.join(hparams["output_folder"], f"wer_{name}.txt")
-        brain.evaluate(test_set, test_loader_kwargs=hparams["test_dataloader_opts"], **best_key)
+        loader_kwargs = dict(hparams["test_dataloader_opts"], collate_fn=collate_readable)
+        brain.evaluate(test_set, test_loader_kwargs=loader_kwargs, **best_key)
         if if_main_process():
             print(f"Test WER on {name}: {brain.test_stats['WER']:.2f} %")

@@ -10,6 +10,7 @@ import soundfile
 
 import librispeech_prepare
 from librispeech_prepare import DataPreparationError, prepare_librispeech
+from reliability_report import record
 
 # utterance id -> (number of samples at 16 kHz, transcript)
 CORPUS = {
@@ -257,3 +258,44 @@ def test_failed_rebuild_is_not_taken_as_done(data_folder, tmp_path):
 
     with pytest.raises(DataPreparationError):
         prepare_librispeech(data_folder, save_folder, tr_splits=["train"])
+
+
+def test_empty_audio_raises_naming_it(data_folder, tmp_path):
+    audio = data_folder / "dev" / "84" / "121" / "84-121-0000.flac"
+    soundfile.write(audio, np.zeros(0), 16000, format="WAV")  # libsndfile writes no empty FLAC
+
+    with pytest.raises(DataPreparationError, match=re.escape(f"Audio file {audio} is empty")):
+        prepare_librispeech(data_folder, tmp_path / "save", dev_splits=["dev"])
+
+
+@pytest.mark.reliability
+def test_skip_leaves_out_each_unusable_utterance_naming_it(data_folder, tmp_path, caplog):
+    chapter = data_folder / "train" / "19" / "198"
+    missing, resampled = chapter / "19-198-0000.flac", chapter / "19-198-0001.flac"
+    unreadable = data_folder / "train" / "26" / "495" / "26-495-0000.flac"
+    empty = chapter / "19-198-0002.flac"
+    missing.unlink()
+    soundfile.write(resampled, np.zeros(8000), 8000)
+    unreadable.write_bytes(b"not a flac file")
+    write_split(data_folder, "train", {"19-198-0002": (16000, "EMPTY AUDIO"), "19-198-0003": (16000, "")})
+    soundfile.write(empty, np.zeros(0), 16000, format="WAV")  # libsndfile writes no empty FLAC
+    write_split(data_folder, "train", {"19-198-0004": (16000, "KEPT")})
+    named = [missing, resampled, unreadable, empty, "Empty transcript for 19-198-0003"]
+
+    with caplog.at_level("WARNING"):
+        prepare_librispeech(data_folder, tmp_path / "save", tr_splits=["train"], bad_data="skip")
+
+    rows = read_csv(tmp_path / "save" / "train.csv")[1:]
+    assert [row[0] for row in rows] == ["19-198-0004"]
+    left_out = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Left out an utterance")]
+    assert len(left_out) == len(named)
+    for name in named:
+        assert any(str(name) in message for message in left_out), name
+    assert any("left out 5 utterances" in r.getMessage() for r in caplog.records)
+    record(
+        "librispeech_prepare.py with bad_data: skip on a split with a missing, an 8 kHz, a non-FLAC and an empty "
+        "audio file and an empty transcript",
+        f"train.csv keeps the {len(rows)} healthy utterance; {len(left_out)} warnings 'Left out an utterance: ...', "
+        "each naming its file (" + ", ".join(os.path.relpath(name, data_folder) for name in named[:4])
+        + ") or transcript line, and a summary 'left out 5 utterances'",
+    )

@@ -106,7 +106,8 @@ class SelectiveScanTorch(torch.autograd.Function):
     fused multiply-add per step. Only the state entering each chunk is kept for the backward pass,
     which recomputes a chunk's states and runs the adjoint recurrence backwards in time. Inputs are
     computed in float32 (float64 stays float64), like the CUDA kernel under bf16 autocast; the
-    output has the dtype of ``u``.
+    output has the dtype of ``u``, the last state stays in the compute dtype (as the kernel's), so
+    a decoding or streaming cache carries it without rounding to bf16.
     """
 
     CHUNK_ELEMENTS = 2**20  # chunk length * batch * dim * state: about 4 MB of float32
@@ -148,7 +149,7 @@ class SelectiveScanTorch(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
         ctx.has_h0 = h0 is not None
         ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, y, torch.stack(chunk_starts))
-        return out.to(in_dtype), h.to(in_dtype)
+        return out.to(in_dtype), h
 
     @staticmethod
     def backward(ctx, grad_out, grad_last_state):

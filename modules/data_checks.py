@@ -1,0 +1,94 @@
+"""Bad data at training time: manifest rows and audio files that cannot be trained on.
+
+The yaml key ``bad_data`` of every training config says what happens to them: ``fail`` stops with an
+error naming the file and the fix; ``skip`` leaves them out, logging each one and how many there were.
+Rows are checked when a manifest is loaded (missing audio, zero or over-long duration, empty transcript);
+audio that does not decode or has the wrong sample rate shows only when it is read, so the data loader
+drops it from its batch. A batch left with no utterance stops the run all the same: skipping it on one
+process would hang the others under DDP.
+"""
+
+import logging
+import os
+
+import speechbrain as sb
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.dataio import read_audio, read_audio_info
+
+logger = logging.getLogger(__name__)
+
+BAD_DATA_POLICIES = ("fail", "skip")
+FIX = "Fix or remove it (and re-run data preparation), or set bad_data: skip to leave such utterances out."
+
+
+class BadDataError(ValueError):
+    """An utterance that cannot be trained on, met with ``bad_data: fail``."""
+
+
+def check_policy(bad_data):
+    """Raises unless ``bad_data`` is one of BAD_DATA_POLICIES."""
+    if bad_data not in BAD_DATA_POLICIES:
+        raise ValueError(f"bad_data must be one of {', '.join(BAD_DATA_POLICIES)}, not {bad_data!r}")
+
+
+def row_problem(row, max_duration):
+    """Why a manifest row (with ``wav``, ``duration`` and ``wrd``) cannot be trained on, or None."""
+    if not os.path.isfile(row["wav"]):
+        return f"audio file {row['wav']} is missing"
+    duration = float(row["duration"])
+    if duration <= 0:
+        return f"audio file {row['wav']} is empty (duration {duration} s)"
+    if max_duration is not None and duration > max_duration:
+        return f"audio file {row['wav']} lasts {duration:.1f} s, more than max_duration ({max_duration} s)"
+    if not row["wrd"].strip():
+        return f"utterance {row['wav']} has an empty transcript"
+    return None
+
+
+def load_manifest(path, data_folder, bad_data, max_duration):
+    """DynamicItemDataset of the usable rows of the csv manifest ``path``.
+
+    With ``bad_data: fail`` any unusable row raises BadDataError naming the manifest and the files;
+    with ``skip`` each is logged and left out, and the count is logged.
+    """
+    check_policy(bad_data)
+    data = sb.dataio.dataio.load_data_csv(path, replacements={"data_root": data_folder})
+    problems = {utt_id: row_problem(row, max_duration) for utt_id, row in data.items()}
+    problems = {utt_id: problem for utt_id, problem in problems.items() if problem}
+    if problems and bad_data == "fail":
+        listed = "; ".join(f"{utt_id}: {problem}" for utt_id, problem in list(problems.items())[:10])
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise BadDataError(f"{len(problems)} unusable utterances in {path}: {listed}{more}. {FIX}")
+    for utt_id, problem in problems.items():
+        logger.warning(f"Skipping {utt_id} of {path}: {problem}")
+    if problems:
+        logger.warning(f"Skipped {len(problems)} of {len(data)} utterances of {path} (bad_data: skip)")
+    return sb.dataio.dataset.DynamicItemDataset({k: v for k, v in data.items() if k not in problems})
+
+
+def read_checked_audio(wav, sample_rate, bad_data):
+    """The waveform of ``wav``; if it is missing, does not decode or is not at ``sample_rate`` Hz, raises
+    BadDataError naming the file (``bad_data: fail``) or logs it and returns None (``skip``: see
+    collate_readable)."""
+    try:
+        rate = read_audio_info(wav).sample_rate
+        if rate == sample_rate:
+            return read_audio(wav)
+        problem = f"audio file {wav} is sampled at {rate} Hz, not {sample_rate} Hz"
+    except RuntimeError as error:
+        problem = f"audio file {wav} " + ("is missing" if not os.path.isfile(wav) else f"cannot be decoded ({error})")
+    if bad_data == "fail":
+        raise BadDataError(f"{problem}. {FIX}")
+    logger.warning(f"Skipping an utterance: {problem}")
+    return None
+
+
+def collate_readable(examples):
+    """PaddedBatch of the examples that have no None item (audio read_checked_audio skipped)."""
+    readable = [example for example in examples if None not in example.values()]
+    if not readable:
+        ids = ", ".join(str(example.get("id")) for example in examples)
+        raise BadDataError(f"No utterance of a batch could be read ({ids}): see the warnings above. {FIX}")
+    if len(readable) < len(examples):
+        logger.warning(f"Dropped {len(examples) - len(readable)} of {len(examples)} utterances from a batch")
+    return PaddedBatch(readable)

@@ -1,0 +1,205 @@
+"""Bad data meets the recipes: with ``bad_data: fail`` the CTC training (and the speech units of the
+decoder-only recipe) stop naming each unusable file; with ``skip`` they leave them out, log and count them,
+and training runs to the end.
+
+A few demo utterances are copied into a temporary corpus, the manifests are prepared, and then files and
+manifest rows are broken as a corrupt download or a hand-edited manifest would break them.
+"""
+
+import csv
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+
+from librispeech_prepare import prepare_librispeech
+from modules.data_checks import BadDataError
+from modules.speech_tokenizer import FbankFeatures, SpeechUnitTokenizer
+from recipe_runs import DEMO_DATA, run_tiny_ctc
+from reliability_report import record
+
+pytestmark = pytest.mark.reliability
+
+CHAPTERS = {"train": ["1001/10011", "1002/10021"], "dev": ["2001/20011"], "test": ["3001/30011"]}
+# What is said of each row that break_manifest_rows breaks, after its audio path
+ROW_PROBLEMS = [
+    "is missing", "is empty (duration 0.0 s)", "lasts 120.0 s, more than max_duration", "has an empty transcript"
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A copy of a few demo chapters and its manifests in ``output``; returns (data folder, output)."""
+    data_folder = tmp_path / "LibriSpeech"
+    for split, chapters in CHAPTERS.items():
+        for chapter in chapters:
+            shutil.copytree(os.path.join(DEMO_DATA, split, chapter), data_folder / split / chapter)
+    output = tmp_path / "output"
+    prepare_librispeech(
+        data_folder, output, tr_splits=["train"], dev_splits=["dev"], te_splits=["test"],
+        merge_lst=["train"], merge_name="train.csv",
+    )
+    return data_folder, output
+
+
+def read_manifest(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_manifest(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def break_manifest_rows(output):
+    """Breaks the first four train.csv rows: missing audio, zero duration, 120 s, empty transcript.
+    Returns their audio paths."""
+    rows = read_manifest(output / "train.csv")
+    broken = [row["wav"] for row in rows[:4]]
+    os.remove(rows[0]["wav"])
+    rows[1]["duration"] = "0.0"
+    rows[2]["duration"] = "120.0"
+    rows[3]["wrd"] = " "
+    write_manifest(output / "train.csv", rows)
+    return broken
+
+
+def truncate_audio(output):
+    """Cuts the last training FLAC to half its bytes (its header still reads); returns its path."""
+    truncated = read_manifest(output / "train.csv")[-1]["wav"]
+    with open(truncated, "rb") as f:
+        head = f.read(os.path.getsize(truncated) // 2)
+    with open(truncated, "wb") as f:
+        f.write(head)
+    return truncated
+
+
+def resample_audio(output):
+    """Replaces the last but one training FLAC by 8 kHz audio; returns its path."""
+    resampled = read_manifest(output / "train.csv")[-2]["wav"]
+    soundfile.write(resampled, np.zeros(8000), 8000)
+    return resampled
+
+
+def checkpoints(output):
+    return list((output / "save").glob("CKPT*"))
+
+
+def run_recipe(output, *overrides, returncode=0):
+    """Trains the tiny CTC model one epoch on the prepared manifests; returns (log.txt, what it printed)."""
+    proc = run_tiny_ctc(
+        output,
+        "--skip_prep=True",
+        "--number_of_epochs=1",
+        "--avg_checkpoints=1",
+        *overrides,
+        returncode=returncode,
+    )
+    with open(output / "log.txt", encoding="utf-8") as f:
+        return f.read(), proc.stdout + proc.stderr
+
+
+def relative(path, data_folder):
+    return os.path.relpath(path, data_folder)
+
+
+def test_unusable_manifest_rows_stop_training_naming_each_file(corpus):
+    data_folder, output = corpus
+    broken = break_manifest_rows(output)
+
+    _, text = run_recipe(output, returncode=1)
+
+    assert "BadDataError: 4 unusable utterances" in text
+    for wav, problem in zip(broken, ROW_PROBLEMS):
+        assert f"{wav} {problem}" in text
+    assert "bad_data: skip" in text  # the fix is named
+    assert not checkpoints(output)
+    record(
+        "train.csv rows with a missing file, zero duration, 120 s duration, empty transcript (bad_data: fail)",
+        f"train_CTC.py exited 1 before training with BadDataError naming all {len(broken)} files: "
+        + ", ".join(relative(wav, data_folder) for wav in broken),
+    )
+
+
+def test_undecodable_audio_stops_training_naming_it(corpus):
+    data_folder, output = corpus
+    truncated = truncate_audio(output)
+
+    _, text = run_recipe(output, returncode=1)
+
+    assert f"BadDataError: audio file {truncated} cannot be decoded" in text
+    assert not checkpoints(output)
+    record(
+        "truncated FLAC (half its bytes) listed in train.csv (bad_data: fail)",
+        "train_CTC.py exited 1 during the first epoch, before any checkpoint: BadDataError 'audio file "
+        f"{relative(truncated, data_folder)} cannot be decoded (...)'",
+    )
+
+
+def test_skip_leaves_out_bad_utterances_and_training_completes(corpus):
+    data_folder, output = corpus
+    broken = break_manifest_rows(output)
+    truncated, resampled = truncate_audio(output), resample_audio(output)
+    n_rows = len(read_manifest(output / "train.csv"))
+
+    log, _ = run_recipe(output, "--bad_data=skip")
+
+    assert f"Skipped 4 of {n_rows} utterances of {output / 'train.csv'}" in log
+    for wav, problem in zip(broken, ROW_PROBLEMS):
+        assert f"{wav} {problem}" in log
+    assert f"audio file {truncated} cannot be decoded" in log
+    assert f"audio file {resampled} is sampled at 8000 Hz, not 16000 Hz" in log
+    dropped = [int(n) for n in re.findall(r"Dropped (\d+) of \d+ utterances from a batch", log)]
+    assert sum(dropped) == 2  # one epoch reads each file once
+    assert os.path.isfile(output / "wer_test.txt")
+    record(
+        "the 4 broken train.csv rows plus a truncated FLAC and an 8 kHz FLAC (bad_data: skip)",
+        f"training completed and tested (exit 0, wer_test.txt written); log.txt: 'Skipped 4 of {n_rows} "
+        f"utterances of train.csv', each named; {relative(truncated, data_folder)} (cannot be decoded) and "
+        f"{relative(resampled, data_folder)} (8000 Hz) skipped when read and dropped from their batches "
+        f"({', '.join(f'Dropped {n} of ...' for n in dropped)})",
+    )
+
+
+def speech_units(output, bad_data):
+    """The unit manifests of train.csv, as train_decoder_only.py computes them (filterbank units)."""
+    tokenizer = SpeechUnitTokenizer(FbankFeatures(), num_clusters=4, kmeans_fraction=1.0, bad_data=bad_data)
+    train_csv = str(output / "train.csv")
+    return tokenizer(train_csv, {"train": train_csv}, output / "tokens")
+
+
+def test_speech_units_stop_at_undecodable_audio_naming_it(corpus):
+    data_folder, output = corpus
+    truncated = truncate_audio(output)
+
+    with pytest.raises(BadDataError, match=f"audio file {truncated} cannot be decoded"):
+        speech_units(output, "fail")
+    record(
+        "truncated FLAC met while computing the speech units of train_decoder_only.py (bad_data: fail)",
+        f"BadDataError: 'audio file {relative(truncated, data_folder)} cannot be decoded (...)'",
+    )
+
+
+def test_speech_units_leave_out_undecodable_audio_with_skip(corpus, caplog):
+    data_folder, output = corpus
+    truncated = truncate_audio(output)
+
+    units = read_manifest(speech_units(output, "skip")["train"])
+
+    rows = read_manifest(output / "train.csv")
+    assert [row["ID"] for row in units] == [row["ID"] for row in rows if row["wav"] != truncated]
+    assert all(row["units"] for row in units)
+    messages = [entry.getMessage() for entry in caplog.records]
+    assert sum(f"audio file {truncated} cannot be decoded" in message for message in messages) == 2  # k-means, units
+    assert sum(message.startswith("Left 1 unreadable utterances") for message in messages) == 1
+    record(
+        "truncated FLAC met while computing the speech units of train_decoder_only.py (bad_data: skip)",
+        f"unit manifest keeps {len(units)} of {len(rows)} utterances; warnings name "
+        f"{relative(truncated, data_folder)} and log 'Left 1 unreadable utterances of train.csv out of ...'",
+    )

@@ -23,8 +23,10 @@ import sys
 import torch
 
 import speechbrain as sb
+from speechbrain.utils.distributed import run_on_main
 
 from modules.hparams import load_hparams
+from modules.inference import export_inference_folder
 from modules.recipe import (
     RecipeBrain,
     add_audio_pipelines,
@@ -203,3 +205,4 @@ if __name__ == "__main__":
         valid_loader_kwargs=valid_loader_kwargs,
     )
     evaluate_test_sets(asr_brain, hparams, test_datasets, min_key="WER")
+    run_on_main(export_inference_folder, args=[hparams, "CTC", tokenizer.prefix_model_file + ".model"])

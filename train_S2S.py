@@ -29,8 +29,10 @@ import torch
 
 import speechbrain as sb
 from speechbrain.decoders.scorer import ScorerBuilder
+from speechbrain.utils.distributed import run_on_main
 
 from modules.hparams import load_hparams
+from modules.inference import export_inference_folder
 from modules.recipe import (
     RecipeBrain,
     add_audio_pipelines,
@@ -262,3 +264,4 @@ if __name__ == "__main__":
         valid_loader_kwargs=valid_loader_kwargs,
     )
     evaluate_test_sets(asr_brain, hparams, test_datasets, max_key="ACC")
+    run_on_main(export_inference_folder, args=[hparams, "S2S", tokenizer.prefix_model_file + ".model"])

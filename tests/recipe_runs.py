@@ -79,3 +79,44 @@ def yaml_top_level(path):
 
     with open(path, encoding="utf-8") as f:
         return plain(yaml.compose(f))[1]
+
+
+# The tiny CTC run whose inference folder the inference tests share (tiny_ctc_run). It validates and
+# tests on its own training slice: after seconds of training, held-out voices get empty transcripts,
+# and the checkpoints kept (best valid WER) would be the empty ones.
+TINY_CTC_INFERENCE_RUN = [
+    "--select_n_sentences=[32, 8, 8]",
+    "--number_of_epochs=16",
+    "--n_warmup_steps=10",
+    "--max_batch_length_train=8",
+    "--lr_adam=0.005",
+    "--num_fea_augmentations=0",
+    "--speed_changes=[100]",
+    "--avg_checkpoints=2",
+    "--test_batch_size=1",
+]
+_SESSION_RUNS = {}
+
+
+def tiny_ctc_run(tmp_path_factory):
+    """Output folder of the tiny CTC run (made once per test session, shared by test files); its test
+    set is the training slice, written to wer_train.txt."""
+    if "ctc" not in _SESSION_RUNS:
+        out = tmp_path_factory.mktemp("tiny_ctc_run")
+        train_csv = out / "train.csv"
+        run_tiny_ctc(out, *TINY_CTC_INFERENCE_RUN, f"--valid_csv={train_csv}", f"--test_csv=[{train_csv}]")
+        _SESSION_RUNS["ctc"] = out
+    return _SESSION_RUNS["ctc"]
+
+
+def wer_file_hypotheses(wer_file):
+    """{utterance id: hypothesis text} from a WER report that SpeechBrain's ErrorRateStats wrote."""
+    with open(wer_file, encoding="utf-8") as f:
+        blocks = f.read().split("=" * 80)
+    hypotheses = {}
+    for block in blocks:
+        lines = block.strip().split("\n")
+        if len(lines) == 4 and ", %WER" in lines[0]:
+            words = [word.strip() for word in lines[3].split(";")]
+            hypotheses[lines[0].split(",")[0]] = " ".join(w for w in words if w and w != "<eps>")
+    return hypotheses

@@ -1,0 +1,150 @@
+"""Inference folders: a trained run packaged for SpeechBrain's ``speechbrain.inference`` interfaces.
+
+At the end of training each recipe writes ``<output_folder>/inference/`` (:func:`export_inference_folder`):
+
+* ``hyperparams.yaml``: the model-building keys of the run's own saved ``hyperparams.yaml`` (those the
+  paradigm's inference keys refer to, with everything they need), then the inference keys of
+  ``hparams/inference/<paradigm>.yaml`` (modules, decoding, tokenizer, pretrainer, ``interface``);
+* ``model.ckpt``: the average of the best checkpoints that the test decoded with;
+* ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``.
+
+The folder loads offline with the class its yaml names (:func:`load_asr`): SpeechBrain's ``EncoderASR``
+(CTC), ``EncoderDecoderASR`` (joint CTC/attention) or :class:`MadeonASR` (decoder-only over speech units).
+"""
+
+import importlib
+import io
+import logging
+import os
+import re
+import shutil
+
+import ruamel.yaml
+import torch
+from speechbrain.inference.interfaces import Pretrained
+
+from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
+
+logger = logging.getLogger(__name__)
+TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hparams", "inference")
+
+
+def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None):
+    """Writes ``<output_folder>/inference/`` after the test (main process only); returns its path.
+
+    hparams: the run's loaded hyperparams, whose ``model`` holds the averaged weights the test used;
+    paradigm: ``CTC``, ``S2S`` or ``decoder_only`` (the name of the template in hparams/inference/);
+    tokenizer_file: the SentencePiece model; kmeans_file: the speech units' k-means (decoder-only).
+    """
+    folder = os.path.join(hparams["output_folder"], "inference")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(TEMPLATES, f"{paradigm}.yaml"), encoding="utf-8") as f:
+        template = f.read()
+    with open(os.path.join(hparams["output_folder"], "hyperparams.yaml"), encoding="utf-8") as f:
+        training_yaml = f.read()
+    with open(os.path.join(folder, "hyperparams.yaml"), "w", encoding="utf-8") as f:
+        f.write(inference_yaml(training_yaml, template))
+
+    state = {name: value.detach().cpu() for name, value in hparams["model"].state_dict().items()}
+    torch.save(state, os.path.join(folder, "model.ckpt"))
+    shutil.copyfile(tokenizer_file, os.path.join(folder, "tokenizer.ckpt"))
+    if "normalize" in hparams:
+        hparams["normalize"]._save(os.path.join(folder, "normalizer.ckpt"))
+    if kmeans_file is not None:
+        shutil.copyfile(kmeans_file, os.path.join(folder, "kmeans.ckpt"))
+    if hparams.get("lm_file"):
+        logger.warning(f"{folder} decodes without the language model of lm_file: it is not exported")
+    logger.info(f"Inference folder written: {folder}")
+    return folder
+
+
+def inference_yaml(training_yaml, template):
+    """The training keys that the template refers to (``!ref <key>``), dumped with every object they
+    share, followed by the template. The saved training yaml has its references resolved, so objects
+    are shared through YAML anchors, which the dump re-anchors at their first use."""
+    yaml = ruamel.yaml.YAML()
+    yaml.width = 4096
+    training = yaml.load(training_yaml)
+    template_keys = set(re.findall(r"^(\w+):", template, flags=re.MULTILINE))
+    wanted = set(re.findall(r"!ref <(\w+)>", template)) - template_keys
+    missing = sorted(wanted - set(training))
+    if missing:
+        raise KeyError(f"The training hyperparams lack the keys {missing} that the inference keys need")
+    kept = ruamel.yaml.comments.CommentedMap((key, training[key]) for key in training if key in wanted)
+    model_keys = io.StringIO()
+    yaml.dump(kept, model_keys)
+    header = "# Model-building keys of the training run's hyperparams.yaml\n"
+    return header + model_keys.getvalue() + "\n" + template
+
+
+def load_asr(folder, device="cpu"):
+    """The interface of an inference folder (the class its yaml's ``interface`` names), on ``device``.
+
+    Files are used in place (``savedir`` is the folder itself): nothing is copied, linked or downloaded.
+    """
+    hparams_file = os.path.join(folder, "hyperparams.yaml")
+    if not os.path.isfile(hparams_file):
+        raise FileNotFoundError(
+            f"{folder} is not an inference folder (no hyperparams.yaml): give <output_folder>/inference "
+            "of a finished training run"
+        )
+    with open(hparams_file, encoding="utf-8") as f:
+        interface = ruamel.yaml.YAML().load(f)["interface"]
+    module_name, class_name = interface.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    folder = os.path.abspath(folder)
+    return cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+
+
+def complete(partial, **kwargs):
+    """Calls a yaml ``!name:`` object with its remaining arguments (e.g. a test searcher with its scorer)."""
+    return partial(**kwargs)
+
+
+def load_kmeans(kmeans, path):
+    """Pretrainer hook: k-means centroids (empty buffers until fitted, so not a plain state-dict load)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    kmeans.centroids, kmeans.counts = state["centroids"], state["counts"]
+
+
+class MadeonASR(Pretrained):
+    """Decoder-only ASR over discrete speech units (MADEON and its Transformer baseline), in the manner
+    of SpeechBrain's ``SpeechLLMASR``: waveform -> unit features -> k-means units -> de-duplication ->
+    unit characters -> prompt ``<startofspeech>units`` -> beam search -> text.
+
+    The yaml gives the modules ``unit_features``, ``kmeans``, ``lm`` and the hparams ``tokenizer``
+    (a ``SentencePieceProcessor``) and ``searcher`` (``DecoderOnlyBeamSearcher``).
+    """
+
+    HPARAMS_NEEDED = ["tokenizer", "searcher"]
+    MODULES_NEEDED = ["unit_features", "kmeans", "lm"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokenizer = self.hparams.tokenizer
+
+    def prompt(self, wav):
+        """One waveform (samples,) -> its prompt token ids, as the recipe's test prefix."""
+        features = self.mods.unit_features(wav.float().to(self.device)).to(self.device)
+        units = deduplicate(self.mods.kmeans(features))
+        return self.tokenizer.encode_as_ids(prompt_text(units_to_text(units)))
+
+    @torch.no_grad()
+    def transcribe_batch(self, wavs, wav_lens):
+        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, token id lists)."""
+        samples = (wav_lens * wavs.shape[1]).round().long()
+        prompts = [self.prompt(wav[:n]) for wav, n in zip(wavs, samples)]
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        prefix = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            prefix[row, : len(prompt)] = torch.tensor(prompt)
+        tokens, _ = self.hparams.searcher(prefix, lengths)
+        return [" ".join(self.tokenizer.decode_ids(t).split()) for t in tokens], tokens  # words, single-spaced
+
+    def transcribe_file(self, path, **kwargs):
+        """Transcribes one audio file (resampled to the model's rate, mixed to mono)."""
+        wav = self.load_audio(path, **kwargs)
+        return self.transcribe_batch(wav[None], torch.tensor([1.0]))[0][0]
+
+    def forward(self, wavs, wav_lens):
+        return self.transcribe_batch(wavs, wav_lens)

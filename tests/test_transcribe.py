@@ -1,0 +1,112 @@
+"""transcribe.py on the tiny CTC run's inference folder: files, folders and lists are transcribed as
+SpeechBrain's EncoderASR transcribes them; each bad file gets one error line naming it while the others
+go on, and the exit status says that something failed; JSON output has word times."""
+
+import csv
+import json
+
+import pytest
+import soundfile
+import torch
+import torchaudio
+
+from modules.inference import load_asr
+from recipe_runs import tiny_ctc_run
+from transcribe import main
+
+
+@pytest.fixture(scope="session")
+def ctc_run(tmp_path_factory):
+    return tiny_ctc_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def audio(ctc_run, tmp_path_factory):
+    """A folder of three training utterances (one in a subfolder, beside a text file), and their
+    transcripts by the inference interface."""
+    folder = tmp_path_factory.mktemp("audio")
+    (folder / "sub").mkdir()
+    asr = load_asr(ctc_run / "inference")
+    with open(ctc_run / "train.csv", newline="", encoding="utf-8") as f:
+        wavs = [row["wav"] for row in csv.DictReader(f)][:3]
+    expected = {}
+    for name, source in zip(["a.flac", "b.wav", "sub/c.flac"], wavs):
+        signal, rate = soundfile.read(source)
+        soundfile.write(folder / name, signal, rate)
+        expected[str(folder / name)] = asr.transcribe_file(source)
+    (folder / "notes.txt").write_text("not audio\n")
+    return folder, expected
+
+
+def run(args, capsys):
+    status = main([str(a) for a in args] + ["--noprogressbar"])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def lines(out):
+    return dict(line.split("\t") for line in out.splitlines())
+
+
+def test_folder_is_searched_recursively_for_audio_and_transcribed_as_the_interface_does(ctc_run, audio, capsys):
+    folder, expected = audio
+    status, out, err = run(["--model", ctc_run / "inference", "--batch_size", "2", folder], capsys)
+    assert status == 0, err
+    assert lines(out) == expected
+
+
+def test_bad_files_get_an_error_line_each_and_the_others_are_transcribed(ctc_run, audio, tmp_path, capsys):
+    folder, expected = audio
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(64))
+    missing = tmp_path / "missing.flac"
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join([str(missing), *expected]) + "\n")
+
+    status, out, err = run(["--model", ctc_run / "inference", corrupt, folder / "notes.txt", "--list", listed], capsys)
+
+    assert status == 1
+    assert lines(out) == expected
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 3
+    assert any(str(missing) in line and "no such file" in line for line in errors)
+    assert any(str(corrupt) in line and "cannot read it as audio" in line for line in errors)
+    assert any(str(folder / "notes.txt") in line and "cannot read it as audio" in line for line in errors)
+
+
+def test_other_sample_rates_are_resampled_to_the_model_rate(ctc_run, audio, tmp_path, capsys):
+    folder, _ = audio
+    signal, rate = soundfile.read(folder / "a.flac")
+    resampled = torchaudio.functional.resample(torch.tensor(signal, dtype=torch.float32), rate, 2 * rate)
+    soundfile.write(tmp_path / "a_32k.wav", resampled.numpy(), 2 * rate)
+
+    as_written = torch.tensor(soundfile.read(tmp_path / "a_32k.wav")[0], dtype=torch.float32)
+    back = torchaudio.functional.resample(as_written, 2 * rate, rate)
+    texts, _ = load_asr(ctc_run / "inference").transcribe_batch(back[None], torch.ones(1))
+
+    status, out, err = run(["--model", ctc_run / "inference", tmp_path / "a_32k.wav"], capsys)
+
+    assert status == 0, err
+    assert lines(out) == {str(tmp_path / "a_32k.wav"): texts[0]}
+
+
+def test_json_output_has_the_words_of_the_text_with_times_inside_the_audio(ctc_run, audio, tmp_path, capsys):
+    folder, expected = audio
+    output = tmp_path / "out.json"
+    status, _, err = run(["--model", ctc_run / "inference", "--json", "--output", output, folder], capsys)
+
+    assert status == 0, err
+    results = json.loads(output.read_text())
+    assert {r["path"]: r["text"] for r in results} == expected
+    for result in results:
+        duration = soundfile.info(result["path"]).duration
+        assert [w["word"] for w in result["words"]] == result["text"].split()
+        starts, ends = [w["start"] for w in result["words"]], [w["end"] for w in result["words"]]
+        assert starts == sorted(starts) and ends == sorted(ends)
+        assert all(0 <= start < end <= duration + 0.001 for start, end in zip(starts, ends)), (result, duration)
+
+
+def test_a_folder_that_is_not_an_inference_folder_is_refused_clearly(tmp_path, capsys):
+    status, _, err = run(["--model", tmp_path, tmp_path / "a.wav"], capsys)
+    assert status == 2
+    assert "not an inference folder" in err

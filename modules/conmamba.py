@@ -28,7 +28,8 @@ class ConvolutionModule(nn.Module):
 
     LayerNorm -> pointwise conv (2 * d_model) + GLU -> depthwise conv -> LayerNorm -> activation ->
     Linear -> Dropout, as in SpeechBrain's Conformer; SpeechBrain 1.1 masks only the output, so
-    padding still leaks into the last valid frames through the kernel. ``causal`` pads on the left.
+    padding still leaks into the last valid frames through the kernel. ``causal`` pads on the left;
+    a causal module can also run chunk by chunk, its left context carried in a cache (streaming).
     """
 
     def __init__(self, d_model, kernel_size=31, activation=nn.GELU, dropout=0.0, causal=False):
@@ -42,13 +43,30 @@ class ConvolutionModule(nn.Module):
             nn.LayerNorm(d_model), activation(), nn.Linear(d_model, d_model), nn.Dropout(dropout)
         )
 
-    def forward(self, x, padding_mask=None):
-        """x (batch, time, d_model); padding_mask (batch, time) True at padded frames."""
+    def forward(self, x, padding_mask=None, cache=None):
+        """x (batch, time, d_model); padding_mask (batch, time) True at padded frames.
+
+        ``cache`` (from :meth:`allocate_inference_cache`) holds the depthwise convolution's inputs
+        of the frames before ``x``; it replaces the left padding and is updated in place.
+        """
         out = nn.functional.glu(self.pointwise(self.layer_norm(x).transpose(1, 2)), dim=1)
         if padding_mask is not None:
             out = out.masked_fill(padding_mask.unsqueeze(1), 0.0)
-        out = nn.functional.pad(out, (self.left_padding, self.right_padding))
+        if cache is None:
+            out = nn.functional.pad(out, (self.left_padding, self.right_padding))
+        else:
+            out = torch.cat([cache, out], dim=2)
+            cache.copy_(out[:, :, out.shape[2] - cache.shape[2] :])
         return self.after_conv(self.depthwise(out).transpose(1, 2))
+
+    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+        """Zero left context (batch, d_model, kernel_size - 1) for chunk-wise inference (causal only)."""
+        if self.right_padding:
+            raise ValueError("chunk-wise inference needs a causal convolution module (causal=True)")
+        weight = self.depthwise.weight
+        return torch.zeros(
+            batch_size, weight.shape[0], self.left_padding, dtype=dtype or weight.dtype, device=device or weight.device
+        )
 
 
 class ConMambaEncoderLayer(nn.Module):
@@ -76,12 +94,24 @@ class ConMambaEncoderLayer(nn.Module):
         ]
         self.norm = LayerNorm(d_model)
 
-    def forward(self, x, lengths, padding_mask=None):
-        """x (batch, time, d_model); lengths (batch,) valid frames; padding_mask (batch, time) True at pad."""
+    def forward(self, x, lengths, padding_mask=None, cache=None):
+        """x (batch, time, d_model); lengths (batch,) valid frames; padding_mask (batch, time) True at pad.
+
+        ``cache``: a (mixer cache, convolution cache) pair from :meth:`allocate_inference_cache` to
+        continue from (causal layers only), updated in place.
+        """
+        mixer_cache, convolution_cache = (None, None) if cache is None else cache
         x = x + 0.5 * self.ffn_module1(x)
-        x = x + self.mixer(self.mixer_norm(x), lengths)
-        x = x + self.convolution_module(x, padding_mask)
+        x = x + self.mixer(self.mixer_norm(x), lengths, cache=mixer_cache)
+        x = x + self.convolution_module(x, padding_mask, cache=convolution_cache)
         return self.norm(x + 0.5 * self.ffn_module2(x))
+
+    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+        """Zero states of the mixer and of the convolution module, for chunk-wise inference."""
+        return (
+            self.mixer.allocate_inference_cache(batch_size, dtype, device),
+            self.convolution_module.allocate_inference_cache(batch_size, dtype, device),
+        )
 
 
 class ConMambaEncoder(nn.Module):
@@ -125,10 +155,15 @@ class ConMambaEncoder(nn.Module):
                 if parameter.dim() > 1:
                     nn.init.xavier_normal_(parameter)
 
-    def forward(self, src, src_mask=None, src_key_padding_mask=None, pos_embs=None, dynchunktrain_config=None):
+    def forward(
+        self, src, src_mask=None, src_key_padding_mask=None, pos_embs=None, dynchunktrain_config=None, cache=None
+    ):
         """src (batch, time, d_model); src_key_padding_mask (batch, time), True at padded frames.
 
-        Returns (output, None) like ``ConformerEncoder`` (which returns attention maps there).
+        ``cache`` (causal encoder only, from :meth:`allocate_inference_cache`) makes ``src`` the
+        continuation of what the cache has seen: the output equals that of the whole sequence, chunk
+        by chunk (streaming). Returns (output, None) like ``ConformerEncoder`` (which returns
+        attention maps there).
         """
         if dynchunktrain_config is not None:
             raise NotImplementedError("ConMamba has no dynamic-chunk training; use causal=True for streaming.")
@@ -138,6 +173,10 @@ class ConMambaEncoder(nn.Module):
         else:
             lengths = (~src_key_padding_mask).sum(dim=1)
         output = src
-        for layer in self.layers:
-            output = layer(output, lengths, src_key_padding_mask)
+        for index, layer in enumerate(self.layers):
+            output = layer(output, lengths, src_key_padding_mask, None if cache is None else cache[index])
         return self.norm(output), None
+
+    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+        """One zero cache per layer for chunk-wise :meth:`forward` (causal encoder only)."""
+        return [layer.allocate_inference_cache(batch_size, dtype, device) for layer in self.layers]

@@ -11,8 +11,6 @@ Authors
 
 import torch
 
-from speechbrain.dataio.dataio import length_to_mask
-
 
 class SpeechEncoder(torch.nn.Module):
     """Input projection + optional positional embedding + encoder stack.
@@ -77,9 +75,10 @@ class SpeechEncoder(torch.nn.Module):
             x = x.flatten(start_dim=2)
         x = self.input_projection(x)
 
-        # True at padded frames, as expected by src_key_padding_mask.
+        # True at padded frames, as expected by src_key_padding_mask. (Not SpeechBrain's length_to_mask:
+        # its len() would freeze the batch size of a traced model, see modules/export.py.)
         abs_lens = torch.round(wav_lens * x.shape[1])
-        mask = ~length_to_mask(abs_lens, max_len=x.shape[1]).bool()
+        mask = torch.arange(x.shape[1], device=x.device) >= abs_lens[:, None]
 
         pos_embs = None
         if self.positional_encoding is not None:

@@ -26,7 +26,6 @@ TINY_MODEL = [
     "--kernel_size=7",
     "--cnn_channels=(8, 8)",
     "--cnn_output_size=160",  # 8 channels x (80 mels / 4)
-    "--output_neurons=40",  # what the unigram tokenizer can learn from 24 sentences
 ]
 TINY_MAMBA = ["--d_state=4"]
 
@@ -73,7 +72,7 @@ def test_tiny_training_run_learns_and_decodes(config, tmp_path):
     epochs = log_epochs(tmp_path / "train_log.txt")
     assert [e[0] for e in epochs] == [1, 2, 3, 4, 5, 6]
     losses = [e[2] for e in epochs]
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.7 * losses[0], losses
     # Token accuracy every epoch, beam-search WER every valid_search_interval epochs.
     assert all("valid ACC" in e[3] for e in epochs)
     assert ["valid WER" in e[3] for e in epochs] == [False, False, True, False, False, True]

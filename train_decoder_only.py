@@ -2,9 +2,10 @@
 """Recipe for training a decoder-only speech recognizer over discrete speech tokens (MADEON).
 
 The pipeline is: waveform -> discrete speech units (SSL or filterbank features -> k-means ->
-de-duplication; computed once and cached) -> one joint SentencePiece sequence
-``<startofspeech> units <generatetext> text`` -> language model (Mamba / Mamba-2, with or without
-speech prefixing, or a Transformer) -> cross-entropy on the text tokens and the end token.
+de-duplication; computed once and cached, for the training set at each speed of speed perturbation)
+-> one joint SentencePiece sequence ``<startofspeech> units <generatetext> text`` -> language model
+(Mamba / Mamba-2, with or without speech prefixing, or a Transformer) -> cross-entropy on the text
+tokens and the end token.
 Validation reports the text-token accuracy; the best checkpoints by accuracy are averaged and the
 test sets are decoded by a batched beam search primed with the speech prefix (madeon.md 1-4).
 The model is chosen in the yaml file only.
@@ -24,12 +25,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from hyperpyyaml import load_hyperpyyaml
 
 import speechbrain as sb
 from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.utils.distributed import run_on_main
 
+from modules.hparams import load_hparams
+from modules.inference import export_inference_folder
 from modules.recipe import (
     RecipeBrain,
     csv_name,
@@ -38,9 +40,27 @@ from modules.recipe import (
     loader_options,
     prepare_manifests,
 )
-from modules.speech_tokenizer import GENERATE_TEXT, sequence_text, train_joint_sentencepiece
+from modules.speech_tokenizer import (
+    GENERATE_TEXT,
+    SPEED_PERTURBED_TRAIN,
+    TRAIN,
+    sequence_text,
+    train_joint_sentencepiece,
+)
 
 IGNORE_INDEX = -100  # targets that are not scored: speech units and the prefix
+
+# Every key of the yaml that this recipe reads: checked before any work is done
+# (tests/test_config_checks.py keeps the list complete).
+REQUIRED_HPARAMS = """
+    avg_checkpoints bad_data checkpointer data_folder dev_splits dynamic_batch_sampler_train
+    dynamic_batch_sampler_valid dynamic_batching eos_index epoch_counter error_rate_computer
+    generate_text_index label_smoothing max_duration model model_opt_class modules
+    noam_annealing num_workers output_folder select_n_sentences skip_prep sorting
+    speech_tokenizer test_csv test_dataloader_opts test_search test_splits text_repeats
+    token_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
+    valid_dataloader_opts vocab_size
+""".split()
 
 
 class DecoderOnlyASR(RecipeBrain):
@@ -132,7 +152,7 @@ def dataio_prepare(hparams, tokenizer, unit_csvs):
 
     train_data, valid_data, test_datasets = load_datasets(
         hparams,
-        unit_csvs["train"],
+        unit_csvs[SPEED_PERTURBED_TRAIN],
         unit_csvs["valid"],
         {name: unit_csvs[name] for name in map(csv_name, hparams["test_csv"])},
     )
@@ -161,18 +181,21 @@ def dataio_prepare(hparams, tokenizer, unit_csvs):
 def prepare_tokens(hparams):
     """Speech units of the manifests and the joint SentencePiece model, each made once and then found
     on disk. Returns the unit manifests (split name -> csv) and the tokenizer.
+
+    The k-means and the SentencePiece model see the training set as recorded; the LM trains on its
+    speed-perturbed copies (madeon.md 1.1, 3).
     """
-    manifests = {"train": hparams["train_csv"], "valid": hparams["valid_csv"]}
+    manifests = {"valid": hparams["valid_csv"]}
     manifests.update({csv_name(path): path for path in hparams["test_csv"]})
     unit_csvs = hparams["speech_tokenizer"](
         hparams["train_csv"], manifests, hparams["token_folder"]
     )
     sentencepiece_folder = os.path.join(
-        os.path.dirname(unit_csvs["train"]),
+        os.path.dirname(unit_csvs[TRAIN]),
         f"sentencepiece_{hparams['vocab_size']}_x{hparams['text_repeats']}",
     )
     tokenizer = train_joint_sentencepiece(
-        unit_csvs["train"],
+        unit_csvs[TRAIN],
         sentencepiece_folder,
         hparams["vocab_size"],
         text_repeats=hparams["text_repeats"],
@@ -187,8 +210,7 @@ if __name__ == "__main__":
     # Initialize ddp (useful only for multi-GPU DDP training)
     sb.utils.distributed.ddp_init_group(run_opts)
 
-    with open(hparams_file, encoding="utf-8") as fin:
-        hparams = load_hyperpyyaml(fin, overrides)
+    hparams = load_hparams(hparams_file, overrides, REQUIRED_HPARAMS)
 
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
@@ -226,3 +248,8 @@ if __name__ == "__main__":
         valid_loader_kwargs=valid_loader_kwargs,
     )
     evaluate_test_sets(asr_brain, hparams, test_datasets, max_key="ACC")
+    run_on_main(
+        export_inference_folder,
+        args=[hparams, "decoder_only", tokenizer.prefix_model_file + ".model"],
+        kwargs={"kmeans_file": os.path.join(os.path.dirname(unit_csvs[TRAIN]), "kmeans.pt")},
+    )

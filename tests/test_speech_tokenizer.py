@@ -1,14 +1,18 @@
-"""Discrete speech units: k-means, de-duplication, on-disk cache, joint SentencePiece vocabulary."""
+"""Discrete speech units: k-means, de-duplication, on-disk cache, speed-perturbed training copies, joint
+SentencePiece vocabulary."""
 
 import csv
 import os
 
 import pytest
 import torch
+from speechbrain.dataio.dataio import read_audio
 
 from modules.speech_tokenizer import (
     GENERATE_TEXT,
+    SPEED_PERTURBED_TRAIN,
     START_OF_SPEECH,
+    TRAIN,
     FbankFeatures,
     KMeans,
     SpeechUnitTokenizer,
@@ -67,8 +71,15 @@ class CountingFeatures(FbankFeatures):
         return super().forward(wav)
 
 
-def make_tokenizer(num_clusters=12):
-    return SpeechUnitTokenizer(CountingFeatures(), num_clusters, kmeans_fraction=0.5, kmeans_batch_frames=200)
+def make_tokenizer(num_clusters=12, speeds=(100,), kmeans_fraction=0.5):
+    return SpeechUnitTokenizer(
+        CountingFeatures(), num_clusters, kmeans_fraction=kmeans_fraction, kmeans_batch_frames=200, speeds=speeds
+    )
+
+
+def read_rows(path):
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def test_units_are_computed_once_and_reused_from_disk(manifest, tmp_path):
@@ -87,6 +98,52 @@ def test_units_are_computed_once_and_reused_from_disk(manifest, tmp_path):
     assert os.path.dirname(other["train"]) != os.path.dirname(first["train"])  # new settings, new folder
 
 
+def test_speed_perturbed_training_copies_have_their_own_ids_durations_and_units(manifest, tmp_path):
+    units = make_tokenizer(speeds=[90, 100, 110])(manifest, {"valid": manifest}, str(tmp_path))
+    recorded = {row["ID"]: row for row in read_rows(units[TRAIN])}
+    copies = {row["ID"]: row for row in read_rows(units[SPEED_PERTURBED_TRAIN])}
+    assert len(recorded) == 12 and len(copies) == 36
+    for uid, row in recorded.items():
+        assert copies[uid] == row  # the copy at speed 100 is the recorded set
+        for speed in (90, 110):
+            copy = copies[f"{uid}-sp{speed}"]
+            assert float(copy["duration"]) == pytest.approx(float(row["duration"]) * 100 / speed, abs=1e-3)
+            assert copy["wrd"] == row["wrd"] and copy["units"] != row["units"]
+    slower = sum(len(copies[f"{uid}-sp90"]["units"]) for uid in recorded)
+    faster = sum(len(copies[f"{uid}-sp110"]["units"]) for uid in recorded)
+    assert slower > faster  # slowed-down audio has more frames, so more unit runs
+    assert read_rows(units["valid"]) == list(recorded.values())  # other sets are never perturbed
+
+
+def test_kmeans_is_fitted_on_the_recorded_training_audio_only(manifest, tmp_path, monkeypatch):
+    fed = []
+    partial_fit = KMeans.partial_fit
+    monkeypatch.setattr(KMeans, "partial_fit", lambda self, frames: fed.append(frames) or partial_fit(self, frames))
+    make_tokenizer(speeds=[80, 100, 120], kmeans_fraction=1.0)(manifest, {}, str(tmp_path))
+
+    features = FbankFeatures()
+    recorded = torch.cat([features(read_audio(row["wav"])) for row in read_rows(manifest)])
+    fed = torch.cat(fed)
+    assert fed.shape == recorded.shape  # every recorded frame once, no perturbed frame
+    assert torch.allclose(fed.sum(0), recorded.sum(0), atol=1e-2)
+
+
+def test_speed_copies_are_cached_and_only_new_speeds_are_computed(manifest, tmp_path):
+    first = make_tokenizer(speeds=[90, 100, 110])(manifest, {}, str(tmp_path))
+
+    CountingFeatures.calls = 0
+    again = make_tokenizer(speeds=[90, 100, 110])(manifest, {}, str(tmp_path))
+    assert again == first and CountingFeatures.calls == 0
+
+    CountingFeatures.calls = 0
+    other = make_tokenizer(speeds=[90, 100, 120])(manifest, {}, str(tmp_path))
+    assert other[SPEED_PERTURBED_TRAIN] != first[SPEED_PERTURBED_TRAIN]  # the speeds name the training copies
+    assert other[TRAIN] == first[TRAIN]  # same k-means, same recorded units
+    assert CountingFeatures.calls == 12  # only the copy at 120 % was computed
+    ids = [row["ID"] for row in read_rows(other[SPEED_PERTURBED_TRAIN])]
+    assert len(ids) == 36 and sum(uid.endswith("-sp120") for uid in ids) == 12
+
+
 def test_joint_vocabulary_encodes_speech_prefix_then_text(manifest, tmp_path):
     units_csv = make_tokenizer()(manifest, {"train": manifest}, str(tmp_path))["train"]
     tokenizer = train_joint_sentencepiece(units_csv, str(tmp_path / "sp"), vocab_size=60)
@@ -99,3 +156,9 @@ def test_joint_vocabulary_encodes_speech_prefix_then_text(manifest, tmp_path):
     assert ids[0] == sp.piece_to_id(START_OF_SPEECH)
     text = ids[ids.index(sp.piece_to_id(GENERATE_TEXT)) + 1 :]
     assert sp.decode_ids(text) == "the lord"
+
+
+@pytest.mark.parametrize("speeds", [[], [90, 90], [0, 100], [-10]])
+def test_bad_speeds_are_refused_naming_the_yaml_key(speeds):
+    with pytest.raises(ValueError, match="speed_perturb_speeds"):
+        SpeechUnitTokenizer(FbankFeatures(), 4, speeds=speeds)

@@ -5,11 +5,15 @@ trains a few epochs, averages the best checkpoints and beam-searches the test sl
 loss must fall and the WER file must exist. The three runs share one speech-token cache.
 """
 
+import os
 import re
 
 import pytest
+from test_speech_tokenizer import make_tokenizer, manifest, read_rows  # noqa: F401 (manifest: a fixture)
 
+from modules.speech_tokenizer import SPEED_PERTURBED_TRAIN, TRAIN, sequence_text
 from recipe_runs import run_script, train_losses
+from train_decoder_only import prepare_tokens
 
 # Small enough to train in seconds on a CPU.
 TINY = [
@@ -27,7 +31,10 @@ TINY = [
     "--dropout=0.0",
 ]
 FAMILIES = {
-    "mamba-parallel": ("demo_mamba.yaml", ["--num_blocks=1", "--d_state=4", "--prefixing=parallel"]),
+    "mamba-parallel": (  # also trains on speed-perturbed copies, as the published configs
+        "demo_mamba.yaml",
+        ["--num_blocks=1", "--d_state=4", "--prefixing=parallel", "--speed_perturb_speeds=[90, 100, 110]"],
+    ),
     "mamba2-serial": ("demo_mamba2.yaml", ["--num_blocks=1", "--d_state=8", "--headdim=16", "--prefixing=serial"]),
     "transformer-prefix": (
         "demo_transformer.yaml",
@@ -59,3 +66,17 @@ def test_tiny_training_run_lowers_the_loss_and_decodes(family, tmp_path, token_f
 
     assert "%WER" in (tmp_path / "wer_test.txt").read_text(encoding="utf-8")
     assert re.search(r"Test WER on test: [0-9.]+ %", proc.stdout), proc.stdout[-2000:]
+
+
+def test_sentencepiece_learns_from_the_recorded_training_set_and_the_lm_from_all_speeds(manifest, tmp_path):
+    hparams = dict(
+        train_csv=manifest, valid_csv=manifest, test_csv=[], token_folder=str(tmp_path),
+        speech_tokenizer=make_tokenizer(speeds=[90, 100, 110]), vocab_size=60, text_repeats=2, eos_index=1,
+    )
+    units, tokenizer = prepare_tokens(hparams)
+    recorded = read_rows(units[TRAIN])
+    assert len(read_rows(units[SPEED_PERTURBED_TRAIN])) == 3 * len(recorded)
+    text_file = os.path.join(os.path.dirname(tokenizer.prefix_model_file), "sentencepiece_text.txt")
+    with open(text_file, encoding="utf-8") as f:
+        lines = f.read().splitlines()  # the text SentencePiece was trained on
+    assert lines == [sequence_text(row["units"], row["wrd"].lower(), text_repeats=2) for row in recorded]

@@ -46,13 +46,13 @@ SMOKE_OVERRIDES = {  # tiny versions of the published models, for the CPU smoke 
 
 
 def load_yaml(path, overrides):
-    """A recipe yaml built with placeholder folders (nothing is read or written there) and those of
-    ``overrides`` that are top-level keys of the yaml."""
+    """A recipe yaml built with placeholder folders (nothing is read or written there; the SSL model
+    of the speech units is never loaded) and those of ``overrides`` that are top-level keys of the yaml."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    overrides = {key: value for key, value in overrides.items() if f"\n{key}:" in text}
     with tempfile.TemporaryDirectory(prefix="decoding_bench_") as folder:
-        return load_hyperpyyaml(text, {"data_folder": folder, "output_folder": folder, **overrides})
+        overrides = dict(data_folder=folder, output_folder=folder, ssl_source=folder, **overrides)
+        return load_hyperpyyaml(text, {key: value for key, value in overrides.items() if f"\n{key}:" in text})
 
 
 def s2s_searches(hparams, beam, steps_ratio, ctc_weight):

@@ -21,10 +21,11 @@ def record(scenario, what_happened):
 
 def _cell(text):
     """One line of text that is safe inside a markdown table cell, with paths relative to the repository
-    and pytest's temporary folders written <tmp>, so that the report does not change from run to run or
+    pytest's temporary folders written <tmp> and checkpoint times <time>, so that the report does not change from run to run or
     machine to machine for nothing."""
     text = str(text).replace(ROOT + os.sep, "")
     text = re.sub(r"\S*/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+", "<tmp>", text)
+    text = re.sub(r"CKPT\+\d{4}-\d\d-\d\d\+\d\d-\d\d-\d\d\+\d\d", "CKPT+<time>", text)  # checkpoint names
     return " ".join(text.split()).replace("|", "\\|")
 
 

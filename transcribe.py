@@ -14,9 +14,10 @@ Audio is read with soundfile, mixed down to mono and resampled to the model's sa
 cannot be transcribed (missing, unreadable, not audio, empty) gets one error line on stderr and the
 others go on; the exit status is 1 if any file failed.
 
-Recordings longer than ``--chunk_seconds`` (30 s) are transcribed by CTC models window by window
-(modules/long_form.py: windows of the chunk plus ``--context_seconds`` each side, log-probabilities
-stitched and decoded once), in bounded memory. Encoder-decoder and decoder-only models decode a file
+Recordings longer than ``--chunk_seconds`` (30 s) are transcribed by CTC models piece by piece between
+pauses (``--min_pause_seconds``) and window by window within a piece (modules/long_form.py: windows of
+the chunk plus ``--context_seconds`` each side, log-probabilities stitched and decoded once), in
+bounded memory. Encoder-decoder and decoder-only models decode a file
 whole: longer files are refused with an error (raise ``--chunk_seconds`` to decode them whole anyway).
 """
 
@@ -52,6 +53,9 @@ def parse_arguments(argv):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--chunk_seconds", type=float, default=30.0, help="longer files go long-form (CTC)")
     parser.add_argument("--context_seconds", type=float, default=5.0, help="long-form context on each side")
+    parser.add_argument(
+        "--min_pause_seconds", type=float, default=0.3, help="long-form recordings are first cut at pauses this long"
+    )
     parser.add_argument("--noprogressbar", action="store_true")
     args = parser.parse_args(argv)
     if not args.inputs and not args.list:
@@ -156,7 +160,8 @@ class Transcriber:
                 "CTC models only; split the file, or raise --chunk_seconds to decode it whole"
             )
         hypothesis = transcribe_long(
-            self.asr, wav, self.args.chunk_seconds, self.args.context_seconds, self.args.batch_size
+            self.asr, wav, self.args.chunk_seconds, self.args.context_seconds, self.args.batch_size,
+            self.args.min_pause_seconds,
         )
         words = word_times(hypothesis, self.seconds_per_frame, len(wav) / self.rate)
         return {"path": path, "text": hypothesis.text, "words": words}

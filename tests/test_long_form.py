@@ -6,12 +6,13 @@ the utterances transcribed one by one. That last test needs a trained model, so 
 
 Run as a script, this file measures transcribe.py on a long recording of the demo's held-out utterances
 (WER against the utterances one by one, peak memory, time); options it does not know go to transcribe.py:
-> python tests/test_long_form.py --model results/demo_conmamba/3402/inference --minutes 10
+> python tests/test_long_form.py --model results/demo_conmamba/3402/inference --minutes 10 [--pause_seconds 0.3]
 """
 
 import argparse
 import csv
 import itertools
+import math
 import os
 import resource
 import subprocess
@@ -27,7 +28,14 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.inference import load_asr  # noqa: E402
-from modules.long_form import frame_samples, long_form_log_probs, transcribe_long, windows  # noqa: E402
+from modules.long_form import (  # noqa: E402
+    SPEECH_EDGE_FRAMES,
+    frame_samples,
+    long_form_log_probs,
+    pauses,
+    transcribe_long,
+    windows,
+)
 from recipe_runs import ROOT, tiny_ctc_run  # noqa: E402
 
 def word_error_rate(references, hypotheses):
@@ -37,10 +45,11 @@ def word_error_rate(references, hypotheses):
     return stats.summarize("error_rate")
 
 
-def concatenate(asr, paths):
-    """One recording: the utterances end to end (no added silence: digital zeros are nothing like the
-    silence the models were trained on)."""
-    return torch.cat([asr.load_audio(path) for path in paths])
+def concatenate(asr, paths, pause_seconds=0.0):
+    """One recording: the utterances end to end, with ``pause_seconds`` of silence between them."""
+    pause = torch.zeros(round(pause_seconds * asr.audio_normalizer.sample_rate))
+    pieces = [asr.load_audio(path) for path in paths]
+    return torch.cat([piece for wav in pieces for piece in (wav, pause)][:-1])
 
 
 def manifest(csv_file):
@@ -69,9 +78,37 @@ def test_stitched_log_probs_are_the_whole_recordings_when_the_context_covers_it(
     wav = concatenate(asr, [path for path, _ in manifest(ctc_run / "train.csv")[:4]])
     seconds = len(wav) / asr.audio_normalizer.sample_rate
     whole = asr.encode_batch(wav[None], torch.ones(1))[0]
-    stitched = long_form_log_probs(asr, wav, chunk_seconds=0.5, context_seconds=seconds, batch_size=3)
+    stitched = long_form_log_probs(
+        asr, wav, chunk_seconds=0.5, context_seconds=seconds, batch_size=3, min_pause_seconds=None
+    )
     assert stitched.shape == whole.shape
     torch.testing.assert_close(stitched, whole, atol=1e-4, rtol=1e-4)
+
+
+def test_pauses_are_long_quiet_runs_inside_the_recording():
+    hop, noise = 640, torch.Generator().manual_seed(0)
+    loud = lambda frames: torch.randn(frames * hop, generator=noise)  # noqa: E731
+    silence = lambda frames: torch.zeros(frames * hop)  # noqa: E731
+    wav = torch.cat([silence(10), loud(20), silence(12), loud(5), silence(3), loud(7), silence(9)])
+    # leading and trailing silence are not pauses; the 3-frame one is too short for 8
+    assert pauses(wav, hop, min_pause_frames=8) == [(30, 42)]
+    assert pauses(wav, hop, min_pause_frames=3) == [(30, 42), (47, 50)]
+
+
+def test_pauses_are_blank_and_the_speech_around_them_is_encoded_on_its_own(asr, ctc_run):
+    first, second = [path for path, _ in manifest(ctc_run / "train.csv")[:2]]
+    wav = concatenate(asr, [first, second], pause_seconds=0.6)
+    hop, edge = frame_samples(asr), SPEECH_EDGE_FRAMES
+    ((pause_start, pause_end),) = pauses(wav, hop, min_pause_frames=round(0.3 * 16000 / hop))
+    stitched = long_form_log_probs(asr, wav, chunk_seconds=30, context_seconds=5)
+    assert stitched.shape[0] == math.ceil(len(wav) / hop)
+    blank = asr.decoding_function.blank_index
+    assert (stitched[pause_start + edge : pause_end - edge].argmax(dim=1) == blank).all()
+    # the speech after the pause is encoded without the first utterance
+    second_piece = asr.encode_batch(wav[None, (pause_end - edge) * hop :], torch.ones(1))[0]
+    torch.testing.assert_close(stitched[pause_end - edge :], second_piece, atol=1e-4, rtol=1e-4)
+    whole = asr.encode_batch(wav[None], torch.ones(1))[0]
+    assert not torch.allclose(stitched[pause_end - edge :], whole[pause_end - edge :], atol=1e-4)
 
 
 def test_frame_shift_is_the_feature_hop_times_the_front_end_subsampling(asr):
@@ -86,7 +123,7 @@ def test_long_form_wer_of_utterances_end_to_end_is_that_of_the_utterances_one_by
     utterances = demo_utterances()[:100]  # about 2 minutes
     references = [words for _, words in utterances]
     separate = word_error_rate(references, [asr.transcribe_file(path).split() for path, _ in utterances])
-    wav = concatenate(asr, [path for path, _ in utterances])
+    wav = concatenate(asr, [path for path, _ in utterances], pause_seconds=0.3)
     long_form = transcribe_long(asr, wav, chunk_seconds=10, context_seconds=3, batch_size=4).text.split()
     assert abs(word_error_rate([sum(references, [])], [long_form]) - separate) < 3
 
@@ -110,6 +147,7 @@ def measure(argv=None):
     parser = argparse.ArgumentParser(description=measure.__doc__)
     parser.add_argument("--model", required=True, help="a CTC inference folder")
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--pause_seconds", type=float, default=0.3, help="silence between the utterances")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where the recording is written")
     args, transcribe_options = parser.parse_known_args(argv)
     asr = load_asr(args.model)
@@ -124,7 +162,7 @@ def measure(argv=None):
 
     os.makedirs(args.workdir, exist_ok=True)
     recording = os.path.join(args.workdir, "long_form_recording.wav")
-    wav = concatenate(asr, [path for path, _ in utterances])
+    wav = concatenate(asr, [path for path, _ in utterances], args.pause_seconds)
     soundfile.write(recording, wav.numpy(), asr.audio_normalizer.sample_rate)
     start = time.time()
     proc = subprocess.run(

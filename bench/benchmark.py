@@ -55,6 +55,8 @@ MODELS = {
     "conformer_sdpa": "SpeechBrain Conformer, RoPEMHA attention (PyTorch SDPA), Swish",
 }
 
+COMPILED = "+compile"  # model-name suffix: the same module through torch.compile (default mode)
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # one thread: on a shared CPU, a descheduled OpenMP thread stalls multi-threaded ops for whole time slices
@@ -127,9 +129,12 @@ class ConformerBench(nn.Module):
 
 
 def build_model(model_name, what, size, dropout):
-    """The benchmarked module for a model name and mode ("layer" or "encoder")."""
-    bench_class = ConMambaBench if model_name.startswith("conmamba") else ConformerBench
-    return bench_class(model_name, what, size, dropout)
+    """The benchmarked module for a model name and mode ("layer" or "encoder"); a name ending in
+    ``+compile`` is the same module through ``torch.compile`` (compiled during the warm-up steps)."""
+    base_name = model_name.removesuffix(COMPILED)
+    bench_class = ConMambaBench if base_name.startswith("conmamba") else ConformerBench
+    model = bench_class(base_name, what, size, dropout)
+    return torch.compile(model) if model_name.endswith(COMPILED) else model
 
 
 def time_training_step(model, x, padding_mask, device, dtype, warmup, repeats):
@@ -306,7 +311,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="models:\n" + "\n".join(f"  {k:17} {v}" for k, v in MODELS.items()),
+        epilog="models (append +compile for torch.compile, e.g. conmamba+compile):\n"
+        + "\n".join(f"  {k:17} {v}" for k, v in MODELS.items()),
     )
     parser.add_argument("--what", choices=["layer", "encoder", "all"], default="all")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, see below")
@@ -338,7 +344,7 @@ def parse_args(argv=None):
     args.warmup = defaults["warmup"] if args.warmup is None else args.warmup
     args.threads = args.threads or defaults["threads"]
     args.models = args.models.split(",")
-    unknown = set(args.models) - set(MODELS)
+    unknown = {m.removesuffix(COMPILED) for m in args.models} - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     if args.device == "cuda":

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from modules.mamba.mamba import Mamba
 from modules.mamba.mamba2 import Mamba2
-from modules.mamba.selective_scan import selective_scan_ref
+from modules.mamba.selective_scan import cuda_kernel_available, selective_scan_ref
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -122,3 +122,22 @@ def test_default_init_backward_dt_switch_keeps_pytorch_default_dt_proj_b():
     assert F.softplus(default.dt_proj_b.bias).max() <= 0.1 + 1e-6
     assert F.softplus(quirk.dt_proj_b.bias).mean() > 0.3
     assert F.softplus(quirk.dt_proj.bias).max() <= 0.1 + 1e-6
+
+
+@pytest.mark.skipif(not cuda_kernel_available(), reason="needs a GPU and the mamba_ssm kernel")
+def test_compiled_bimamba_equals_eager_outputs_and_gradients_on_the_gpu(no_tf32):
+    """torch.compile traces the mixer with the CUDA scan as one graph node; fusing the surrounding
+    element-wise work must not change the function."""
+    torch.manual_seed(0)
+    mixer = Mamba(32, bidirectional=True).cuda()
+    x, lengths = random_lengths_batch(dtype=torch.float32)
+    x, lengths = x.cuda().requires_grad_(), lengths.cuda()
+    results = []
+    for module in (mixer, torch.compile(mixer, fullgraph=True)):
+        mixer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = module(x, lengths)
+        (out * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+        results.append([out, x.grad] + [p.grad for p in mixer.parameters()])
+    for eager, compiled in zip(*results):
+        assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -120,3 +120,28 @@ def test_ssd_scan_matches_per_head_reference(device):
     # The Triton SSD kernels multiply float32 tiles in TF32 (about 3 decimal digits), so on the GPU
     # the bound is TF32's; the PyTorch back-end is held to float32's.
     assert relative_error(out.cpu(), ref) < (5e-3 if device == "cuda" else 1e-5)
+
+
+def test_cuda_scan_op_traces_as_one_graph_with_shapes_and_gradient_dtypes_of_the_kernel():
+    """The custom ops around the CUDA kernel, checked where no GPU is needed: on "meta" tensors their
+    shape functions give the kernel's output and gradient shapes/dtypes, and torch.compile traces a
+    scan and its backward as one graph (fullgraph=True fails on any graph break)."""
+    from modules.mamba.scan_cuda import selective_scan_cuda_op
+
+    batch, dim, time, state = 2, 8, 2049, 4  # two 2048-step chunks of saved states
+    meta = dict(device="meta", requires_grad=True)
+    u, delta = (torch.randn(batch, dim, time, dtype=torch.bfloat16, **meta) for _ in range(2))
+    A, D = torch.randn(dim, state, **meta), torch.randn(dim, **meta)
+    B = torch.randn(batch, 2, state, time, dtype=torch.bfloat16, **meta)
+    C = torch.randn(batch, state, time, dtype=torch.bfloat16, **meta)  # one group, no group axis
+
+    def loss(u, delta, A, B, C, D):
+        out, last_state = selective_scan_cuda_op(u, delta, A, B, C, D, delta_softplus=True, return_last_state=True)
+        assert out.shape == u.shape and out.dtype == torch.bfloat16
+        assert last_state.shape == (batch, dim, state) and last_state.dtype == torch.float32
+        return out.float().sum()
+
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(u, delta, A, B, C, D).backward()
+    for tensor in (u, delta, A, B, C, D):
+        assert tensor.grad.shape == tensor.shape and tensor.grad.dtype == tensor.dtype
+

@@ -9,8 +9,9 @@ interchangeable: u, delta, z (batch, dim, time); A (dim, state); B, C (batch, gr
 contiguous blocks and block g reads B[:, g] and C[:, g]; a bidirectional mixer stacks its two
 directions as two groups and runs one scan.
 
-* :func:`selective_scan` dispatches: the ``mamba_ssm`` CUDA kernel when it is installed and the
-  tensors are on a GPU, :class:`SelectiveScanTorch` otherwise.
+* :func:`selective_scan` dispatches: the ``mamba_ssm`` CUDA kernel (through the custom ops of
+  :mod:`.scan_cuda`, which ``torch.compile`` traces) when it is installed and the tensors are on a
+  GPU, :class:`SelectiveScanTorch` otherwise.
 * :class:`SelectiveScanTorch` is the pure-PyTorch back-end: a time loop of one fused multiply-add
   per step without autograd, and a hand-written backward pass (a reverse-time loop), so that memory
   and speed do not depend on autograd unrolling the loop.
@@ -21,10 +22,7 @@ directions as two groups and runs one scan.
 import torch
 import torch.nn.functional as F
 
-try:  # optional GPU kernel
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_selective_scan
-except ImportError:  # CPU machines, or mamba-ssm not built
-    _cuda_selective_scan = None
+from . import scan_cuda
 
 
 def selective_scan(
@@ -46,8 +44,8 @@ def selective_scan(
     kernel has no such input, so scans that need it take the PyTorch path on every device.
     Returns ``out`` (batch, dim, time), or ``(out, last_state)`` when ``return_last_state``.
     """
-    if _cuda_selective_scan is not None and u.is_cuda and initial_state is None:
-        return _cuda_selective_scan(
+    if scan_cuda.available and u.is_cuda and initial_state is None:
+        return scan_cuda.selective_scan_cuda_op(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
         )
     out, last_state = SelectiveScanTorch.apply(
@@ -58,7 +56,7 @@ def selective_scan(
 
 def cuda_kernel_available():
     """True when the ``mamba_ssm`` selective-scan kernel can be used."""
-    return _cuda_selective_scan is not None and torch.cuda.is_available()
+    return scan_cuda.available and torch.cuda.is_available()
 
 
 def _as_groups(BC):

@@ -6,7 +6,9 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
   paradigm's inference keys refer to, with everything they need), then the inference keys of
   ``hparams/inference/<paradigm>.yaml`` (modules, decoding, tokenizer, pretrainer, ``interface``);
 * ``model.ckpt``: the average of the best checkpoints that the test decoded with;
-* ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``.
+* ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``,
+  and ``unit_encoder/``, a copy of the CTC model's inference folder when the speech units are a layer
+  of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`).
 
 The folder loads offline with the class its yaml names (:func:`load_asr`): SpeechBrain's ``EncoderASR``
 (CTC), ``EncoderDecoderASR`` (joint CTC/attention) or :class:`MadeonASR` (decoder-only over speech units).
@@ -26,6 +28,7 @@ from speechbrain.inference.interfaces import Pretrained
 from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
 
 logger = logging.getLogger(__name__)
+UNIT_ENCODER = "unit_encoder"  # where a decoder-only folder keeps the CTC model its units come from
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hparams", "inference")
 
 
@@ -42,8 +45,14 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
         template = f.read()
     with open(os.path.join(hparams["output_folder"], "hyperparams.yaml"), encoding="utf-8") as f:
         training_yaml = f.read()
+    hyperparams_yaml = inference_yaml(training_yaml, template)
+    unit_features = hparams.get("unit_features")
+    if getattr(unit_features, "settings", {}).get("kind") == "encoder":  # bundle the unit encoder
+        bundled = os.path.abspath(os.path.join(folder, UNIT_ENCODER))
+        shutil.copytree(unit_features.source, bundled, dirs_exist_ok=True)
+        hyperparams_yaml = hyperparams_yaml.replace(f"source: {unit_features.source}\n", f"source: {bundled}\n")
     with open(os.path.join(folder, "hyperparams.yaml"), "w", encoding="utf-8") as f:
-        f.write(inference_yaml(training_yaml, template))
+        f.write(hyperparams_yaml)
 
     state = {name: value.detach().cpu() for name, value in hparams["model"].state_dict().items()}
     torch.save(state, os.path.join(folder, "model.ckpt"))
@@ -81,6 +90,7 @@ def load_asr(folder, device="cpu"):
     """The interface of an inference folder (the class its yaml's ``interface`` names), on ``device``.
 
     Files are used in place (``savedir`` is the folder itself): nothing is copied, linked or downloaded.
+    A bundled unit encoder is used from the folder's own copy, wherever the folder has been moved.
     """
     hparams_file = os.path.join(folder, "hyperparams.yaml")
     if not os.path.isfile(hparams_file):
@@ -93,7 +103,10 @@ def load_asr(folder, device="cpu"):
     module_name, class_name = interface.rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), class_name)
     folder = os.path.abspath(folder)
-    return cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+    asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+    if os.path.isdir(os.path.join(folder, UNIT_ENCODER)):
+        asr.mods.unit_features.source = os.path.join(folder, UNIT_ENCODER)
+    return asr
 
 
 def complete(partial, **kwargs):

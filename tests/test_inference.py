@@ -13,7 +13,7 @@ from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
 from modules.inference import MadeonASR, load_asr
 from recipe_runs import run_script, tiny_ctc_run, wer_file_hypotheses, yaml_top_level
-from test_train_decoder_only import FAMILIES, TINY
+from test_train_decoder_only import FAMILIES, FBANK_UNITS, TINY
 from test_train_s2s import TINY_MAMBA, TINY_MODEL, TINY_RUN
 
 TRAINING_ONLY_KEYS = {"__set_seed", "output_folder", "checkpointer", "train_logger", "epoch_counter", "fea_augment"}
@@ -58,7 +58,8 @@ def s2s_run(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def decoder_only_run(tmp_path_factory):
+def decoder_only_run(tmp_path_factory, ctc_run):
+    """A tiny MADEON run whose units come, as in the demo yamls, from a CTC encoder (the tiny CTC run's)."""
     out = tmp_path_factory.mktemp("tiny_decoder_only_run")
     yaml_file, family = FAMILIES["mamba-parallel"]
     run_script(
@@ -67,7 +68,9 @@ def decoder_only_run(tmp_path_factory):
         out,
         f"--token_folder={out / 'tokens'}",
         *TINY,
-        *family,
+        *(override for override in family if override != FBANK_UNITS),
+        f"--unit_encoder={ctc_run / 'inference'}",
+        "--unit_layer=1",
         "--test_batch_size=1",
     )
     return out
@@ -112,6 +115,17 @@ def test_decoder_only_folder_loads_with_madeon_asr_and_transcribes_as_the_recipe
     asr = load_asr(decoder_only_run / "inference")
     assert isinstance(asr, MadeonASR)
     assert_same_as_recipe(transcripts(asr, decoder_only_run / "test.csv"), decoder_only_run / "wer_test.txt")
+
+
+def test_decoder_only_folder_moved_elsewhere_uses_its_own_copy_of_the_unit_encoder(decoder_only_run, tmp_path):
+    folder = shutil.copytree(decoder_only_run / "inference", tmp_path / "moved")
+    original_copy = decoder_only_run / "inference" / "unit_encoder"
+    hidden = original_copy.rename(tmp_path / "hidden")  # the path written in the moved yaml now leads nowhere
+    try:
+        asr = load_asr(folder)
+        assert_same_as_recipe(transcripts(asr, decoder_only_run / "test.csv"), decoder_only_run / "wer_test.txt")
+    finally:
+        hidden.rename(original_copy)
 
 
 def test_decoder_only_batch_transcribes_each_utterance_as_alone(decoder_only_run):

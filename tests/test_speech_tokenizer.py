@@ -1,8 +1,9 @@
-"""Discrete speech units: k-means, de-duplication, on-disk cache, speed-perturbed training copies, joint
-SentencePiece vocabulary."""
+"""Discrete speech units: CTC-encoder features, k-means, de-duplication, on-disk cache, speed-perturbed
+training copies, joint SentencePiece vocabulary."""
 
 import csv
 import os
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from modules.speech_tokenizer import (
     SPEED_PERTURBED_TRAIN,
     START_OF_SPEECH,
     TRAIN,
+    EncoderFeatures,
     FbankFeatures,
     KMeans,
     SpeechUnitTokenizer,
@@ -21,6 +23,7 @@ from modules.speech_tokenizer import (
     train_joint_sentencepiece,
     units_to_text,
 )
+from recipe_runs import tiny_ctc_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_TRAIN = os.path.join(ROOT, "demo", "LibriSpeech", "train")
@@ -162,3 +165,50 @@ def test_joint_vocabulary_encodes_speech_prefix_then_text(manifest, tmp_path):
 def test_bad_speeds_are_refused_naming_the_yaml_key(speeds):
     with pytest.raises(ValueError, match="speed_perturb_speeds"):
         SpeechUnitTokenizer(FbankFeatures(), 4, speeds=speeds)
+
+
+@pytest.fixture(scope="module")
+def ctc_folder(tmp_path_factory):
+    """The inference folder of the tiny CTC run that the inference tests share (one ConMamba layer)."""
+    return tiny_ctc_run(tmp_path_factory) / "inference"
+
+
+def test_encoder_features_are_what_the_ctc_head_reads_one_frame_per_40_ms(ctc_folder, manifest):
+    features = EncoderFeatures(str(ctc_folder), layer=1)
+    wav = read_audio(read_rows(manifest)[0]["wav"])
+    frames = features(wav)
+    assert frames.dtype == torch.float32 and frames.device.type == "cpu"
+    assert abs(len(frames) - len(wav) / 640) <= 1  # 40 ms at 16 kHz
+    encoder = features.asr.mods.encoder  # last layer -> final LayerNorm -> CTC head = the model's output
+    log_probs = encoder.log_softmax(encoder.ctc_lin(encoder.speech_encoder.encoder.norm(frames[None])))
+    assert torch.allclose(log_probs, features.asr.encode_batch(wav[None], torch.ones(1)), atol=1e-5)
+    assert torch.equal(features(wav), frames)  # no dropout: the same audio, the same units
+
+
+def test_encoder_features_without_a_trained_model_say_how_to_train_one(tmp_path):
+    features = EncoderFeatures(str(tmp_path / "inference"), layer=1)
+    expected = f"{tmp_path / 'inference'}.*python train_CTC.py hparams/CTC/demo_conmamba.yaml"
+    with pytest.raises(FileNotFoundError, match=expected):
+        features.settings
+    with pytest.raises(FileNotFoundError, match=expected):
+        features(torch.zeros(16000))
+
+
+def test_encoder_layer_outside_the_model_is_refused_naming_its_layers(ctc_folder):
+    with pytest.raises(ValueError, match="layer 2 asked.* has layers 1-1"):
+        EncoderFeatures(str(ctc_folder), layer=2)(torch.zeros(16000))
+
+
+def test_units_of_another_encoder_model_go_to_another_cache_folder(ctc_folder, manifest, tmp_path):
+    source = shutil.copytree(ctc_folder, tmp_path / "inference")
+
+    def units_folder():
+        tokenizer = SpeechUnitTokenizer(EncoderFeatures(str(source), layer=1), 4, kmeans_fraction=0.25)
+        return os.path.dirname(tokenizer(manifest, {}, str(tmp_path / "tokens"))[TRAIN])
+
+    first = units_folder()
+    state = torch.load(source / "model.ckpt", weights_only=True)
+    torch.save(state, source / "model.ckpt")  # rewritten, same weights
+    assert units_folder() == first
+    torch.save({name: 1.01 * value for name, value in state.items()}, source / "model.ckpt")  # retrained
+    assert units_folder() != first

@@ -2,9 +2,11 @@
 
 Each run prepares the data, computes (or reuses) the speech units, trains the joint tokenizer,
 trains a few epochs, averages the best checkpoints and beam-searches the test slice; the training
-loss must fall and the WER file must exist. The three runs share one speech-token cache.
+loss must fall and the WER file must exist. The three runs share one speech-token cache. Two take
+their units from filterbanks, the third as the demo yamls do, from a CTC encoder (the tiny CTC run's).
 """
 
+import json
 import os
 import re
 
@@ -12,7 +14,7 @@ import pytest
 from test_speech_tokenizer import make_tokenizer, manifest, read_rows  # noqa: F401 (manifest: a fixture)
 
 from modules.speech_tokenizer import SPEED_PERTURBED_TRAIN, TRAIN, sequence_text
-from recipe_runs import run_script, train_losses
+from recipe_runs import run_script, tiny_ctc_run, train_losses
 from train_decoder_only import prepare_tokens
 
 # Small enough to train in seconds on a CPU.
@@ -30,15 +32,19 @@ TINY = [
     "--d_model=32",
     "--dropout=0.0",
 ]
+FBANK_UNITS = "--unit_features=!new:modules.speech_tokenizer.FbankFeatures"  # units that need no CTC model
 FAMILIES = {
     "mamba-parallel": (  # also trains on speed-perturbed copies, as the published configs
         "demo_mamba.yaml",
-        ["--num_blocks=1", "--d_state=4", "--prefixing=parallel", "--speed_perturb_speeds=[90, 100, 110]"],
+        ["--num_blocks=1", "--d_state=4", "--prefixing=parallel", "--speed_perturb_speeds=[90, 100, 110]", FBANK_UNITS],
     ),
-    "mamba2-serial": ("demo_mamba2.yaml", ["--num_blocks=1", "--d_state=8", "--headdim=16", "--prefixing=serial"]),
+    "mamba2-serial": (  # the yaml's own units: a CTC encoder's (encoder_units)
+        "demo_mamba2.yaml",
+        ["--num_blocks=1", "--d_state=8", "--headdim=16", "--prefixing=serial"],
+    ),
     "transformer-prefix": (
         "demo_transformer.yaml",
-        ["--num_layers=1", "--nhead=2", "--d_ffn=64", "--prefix_lm=True", "--relative_buckets=8"],
+        ["--num_layers=1", "--nhead=2", "--d_ffn=64", "--prefix_lm=True", "--relative_buckets=8", FBANK_UNITS],
     ),
 }
 
@@ -48,9 +54,17 @@ def token_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("speech_tokens")
 
 
+@pytest.fixture(scope="module")
+def encoder_units(tmp_path_factory):
+    """Overrides that point the demo yamls' units to the tiny CTC run's encoder (its one layer)."""
+    return [f"--unit_encoder={tiny_ctc_run(tmp_path_factory) / 'inference'}", "--unit_layer=1"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_training_run_lowers_the_loss_and_decodes(family, tmp_path, token_folder):
+def test_tiny_training_run_lowers_the_loss_and_decodes(family, tmp_path, token_folder, request):
     yaml, overrides = FAMILIES[family]
+    if FBANK_UNITS not in overrides:
+        overrides = overrides + request.getfixturevalue("encoder_units")
     proc = run_script(
         "train_decoder_only.py",
         f"hparams/decoder_only/{yaml}",
@@ -66,6 +80,9 @@ def test_tiny_training_run_lowers_the_loss_and_decodes(family, tmp_path, token_f
 
     assert "%WER" in (tmp_path / "wer_test.txt").read_text(encoding="utf-8")
     assert re.search(r"Test WER on test: [0-9.]+ %", proc.stdout), proc.stdout[-2000:]
+    unit_settings = [json.loads(path.read_text()) for path in token_folder.glob("units_*/settings.json")]
+    unit_kinds = {settings["features"]["kind"] for settings in unit_settings}
+    assert ("fbank" if FBANK_UNITS in overrides else "encoder") in unit_kinds
 
 
 def test_sentencepiece_learns_from_the_recorded_training_set_and_the_lm_from_all_speeds(manifest, tmp_path):

@@ -10,7 +10,6 @@ fuses it), and ``D`` / ``delta_bias`` always given (zeros when the caller has no
 is a tensor. ``available`` is False when ``mamba_ssm`` is not built.
 """
 
-
 import torch
 from torch import Tensor
 

@@ -1,6 +1,7 @@
 """End-to-end runs of the benchmark scripts in their --smoke modes (tiny shapes, CPU)."""
 
 import csv
+import math
 import json
 import os
 import subprocess
@@ -52,11 +53,18 @@ def test_decoding_smoke_run_times_cached_and_uncached_searches(tmp_path):
 def test_scan_floor_smoke_run_counts_bytes_and_measures_bandwidth(tmp_path):
     (one, both), stdout = smoke_run("scan_floor.py", tmp_path)
     assert (one["layout"], both["layout"]) == ("one direction", "BiMamba one scan")
+    # smoke shape: batch 2, 32 channels, 32 frames, 4 states, one B/C group, float32 (4 bytes)
+    sequence, bc = 2 * 32 * 32, 2 * 1 * 4 * 32
+    assert int(one["forward_bytes"]) == 4 * 4 * sequence + 2 * 4 * bc
+    assert int(one["backward_bytes"]) == 7 * 4 * sequence + 2 * 4 * bc + 8 * bc
+    assert int(one["forward_flops"]) == 6 * sequence * 4 and int(one["exps"]) == sequence * 4
     # both directions in one scan: twice the channels and two B/C groups, so exactly twice the floor
     for count in ("forward_bytes", "backward_bytes", "forward_flops"):
-        assert int(both[count]) == 2 * int(one[count]) > 0
+        assert int(both[count]) == 2 * int(one[count])
+    # measured figures depend on the machine's load: only their form is checked, never their size
     for row in (one, both):
-        assert float(row["copy_GBps"]) > 0
-        assert float(row["forward_ms"]) > 0 and float(row["backward_ms"]) > 0
-        assert 0 < float(row["forward_share_of_copy_bandwidth"]) < 1
+        for name in ("copy_GBps", "forward_ms", "forward_share_of_copy_bandwidth", "backward_share_of_copy_bandwidth"):
+            if row[name] != "":  # the backward share is left out when the difference of two timings is <= 0
+                assert math.isfinite(float(row[name])) and float(row[name]) >= 0, (name, row[name])
+        assert math.isfinite(float(row["backward_ms"]))
     assert "Device-to-device copy" in stdout

@@ -19,6 +19,8 @@ directions as two groups and runs one scan.
   differentiates. Tests compare both back-ends with it in float64.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -257,3 +259,36 @@ def selective_scan_ref(
         y = y + D[:, None] * u
     out = y * F.silu(z) if z is not None else y
     return (out, h) if return_last_state else out
+
+
+@torch.jit.script
+def scan_loop(u, delta, A, B, C, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool):
+    """The recurrence of ``selective_scan_ref`` (without z and initial state) in TorchScript, which
+    keeps its loop over time a loop; the reference's conditional return type does not script.
+
+    u, delta (batch, dim, time), A (dim, state), B, C (batch, groups, state, time) or (batch, state,
+    time). Computes in float32 (float64 stays float64); returns (batch, dim, time) in u's dtype.
+    """
+    dtype = u.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    u, delta, A = u.to(compute), delta.to(compute), A.to(compute)
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    B, C = B.to(compute), C.to(compute)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, state = u.shape[0], u.shape[1], A.shape[1]
+    groups = B.shape[1]
+    decay = torch.exp(delta.permute(2, 0, 1).unsqueeze(-1) * A)  # (time, batch, dim, state)
+    delta_u = (delta * u).permute(2, 0, 1).reshape(-1, batch, groups, dim // groups, 1)
+    states = (delta_u * B.permute(3, 0, 1, 2).unsqueeze(3)).reshape(-1, batch, dim, state)
+    h = torch.zeros(batch, dim, state, dtype=u.dtype, device=u.device)
+    for t in range(states.shape[0]):  # the inputs delta*B*u become the states, in place
+        h = states[t].addcmul_(decay[t], h)
+    C_t = C.permute(3, 0, 1, 2).unsqueeze(-1)  # (time, batch, groups, state, 1)
+    y = torch.matmul(states.view(-1, batch, groups, dim // groups, state), C_t).view(-1, batch, dim).permute(1, 2, 0)
+    if D is not None:
+        y = y + D.to(compute)[:, None] * u
+    return y.to(dtype)

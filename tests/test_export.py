@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from modules.export import CTCRecognizer, export_ctc, scan_loop
-from modules.mamba.selective_scan import selective_scan_ref
+from modules.export import CTCRecognizer, export_ctc
+from modules.mamba.selective_scan import scan_loop, selective_scan_ref
 from recipe_runs import ROOT
 from test_streaming import load_tiny
 

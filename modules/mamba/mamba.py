@@ -6,9 +6,9 @@ ConMamba (conmamba.md 1.2): ``in_proj`` and ``out_proj`` are shared, the backwar
 own ``conv1d_b, x_proj_b, dt_proj_b, A_log_b, D_b``, and the two directions are averaged (or summed,
 ``combine``).
 
-Both directions run as *one* scan: the backward input is reversed inside each utterance's length
-(:mod:`.reverse`), stacked after the forward channels, and B/C enter as two groups. Gating by
-SiLU(z) commutes with that reversal, so it is applied once, after the directions are combined.
+Both directions run as *one* scan (:func:`.scan.directional_scan`): the backward direction runs
+backwards inside each utterance's own length, its convolution is the anti-causal mirror of the
+forward one, and the gate SiLU(z) and the mean of the directions are applied inside the scan.
 
 The unidirectional mixer also decodes recurrently, like ``mamba_ssm``: :meth:`Mamba.allocate_inference_cache`
 makes a (conv_state, ssm_state) pair, ``forward(..., cache=...)`` scans a prefix in parallel from it and
@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .conv import causal_conv1d_silu
-from .reverse import reversal_index, reverse_time
+from .reverse import reverse_time
+from .scan import directional_scan
 from .selective_scan import selective_scan
 
 
@@ -61,6 +62,9 @@ class Mamba(nn.Module):
     combine : "mean" or "sum"
         How the two directions are combined before ``out_proj``: ConMamba averages them
         (conmamba.md 1.2), MADEON's speech-prefixing mixer sums them (madeon.md 2.2).
+    scan_backend : str
+        Which scan runs the whole-sequence forward: "auto" (our Triton kernel on a GPU, PyTorch
+        elsewhere), "triton", "mamba_ssm", "torch" or "script"; see :mod:`.scan`.
 
     Example
     -------
@@ -84,8 +88,10 @@ class Mamba(nn.Module):
         bidirectional=False,
         default_init_backward_dt=False,
         combine="mean",
+        scan_backend="auto",
     ):
         super().__init__()
+        self.scan_backend = scan_backend
         if combine not in ("mean", "sum"):
             raise ValueError(f"combine must be 'mean' or 'sum', not {combine!r}")
         self.combine = combine
@@ -121,48 +127,91 @@ class Mamba(nn.Module):
         """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional.
 
         ``cache``: a (conv_state, ssm_state) pair (unidirectional mixer only) to continue from; see
-        :meth:`_forward_from_cache`. ``reverse_index`` (batch, time): the self-inverse time gather
-        that feeds the backward direction, instead of reversing each row inside ``lengths`` (MADEON
-        reverses only the speech prefix, madeon.md 2.1). Returns (batch, time, d_model).
+        :meth:`_forward_from_cache`. ``reverse_index`` (batch, time): a self-inverse time gather that
+        feeds the backward direction instead of reversing each row inside ``lengths`` (MADEON reverses
+        only the speech prefix, madeon.md 2.1); see :meth:`_forward_reordered`. Returns (batch, time, d_model).
         """
         if cache is not None:
             return self._forward_from_cache(hidden, lengths, cache)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, time, d_inner) views
+        if reverse_index is not None:
+            return self._forward_reordered(x, z, reverse_index)
         batch, time, _ = hidden.shape
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, time) each
-        if self.bidirectional:
-            if reverse_index is None:
-                if lengths is None:
-                    lengths = torch.full((batch,), time, device=hidden.device)
-                reverse_index = reversal_index(lengths, time)
-            x = torch.cat([x, reverse_time(x, reverse_index, dim=2)], dim=1)
+        if lengths is not None:
+            lengths = lengths.to(torch.int32)
+            if self.bidirectional:  # the backward convolution reads the frames after t: no padding there
+                x = x * (torch.arange(time, device=x.device) < lengths[:, None])[..., None].to(x.dtype)
+        directions = len(self.suffixes)
+        u = self._convolve_directions(x)  # (batch, time, directions * d_inner)
+        # x_proj and dt_proj of both directions as one matrix product each (block-diagonal weights),
+        # in the (batch, time, channels) layout that the scan reads without copies
+        x_dbl = F.linear(u, torch.block_diag(*(getattr(self, "x_proj" + s).weight for s in self.suffixes)))
+        dt, B, C = x_dbl.view(batch, time, directions, -1).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt.flatten(2), torch.block_diag(*(getattr(self, "dt_proj" + s).weight for s in self.suffixes)))
+        y = directional_scan(
+            u,
+            delta,
+            -torch.exp(stack_directions(self, "A_log").float()).flatten(0, 1),
+            B,
+            C,
+            D=stack_directions(self, "D").float().flatten(),
+            delta_bias=stack_directions(self, "dt_proj", "bias").float().flatten(),
+            z=z,
+            lengths=lengths,
+            directions=directions,
+            scale=0.5 if self.bidirectional and self.combine == "mean" else 1.0,
+            backend=self.scan_backend,
+        )
+        return self.out_proj(y)
 
+    def _convolve_directions(self, x):
+        """SiLU(depthwise conv) of each direction over x (batch, time, d_inner), in time order.
+
+        The backward direction's causal convolution of the reversed sequence is, in time order, an
+        anti-causal one with the taps flipped (it reads frames t .. t+width-1, zeros past the end), so
+        no reversal is needed. Returns (batch, time, directions * d_inner), contiguous.
+        """
+        x = x.transpose(1, 2)
+        if not self.bidirectional:
+            return causal_conv1d_silu(x, self.conv1d.weight.squeeze(1), self.conv1d.bias).transpose(1, 2).contiguous()
+        batch, channels, time = x.shape
+        width = self.conv1d.weight.shape[-1]
+        padded = x.new_zeros(batch, 2 * channels, time + width - 1)
+        padded[:, :channels, width - 1 :] = x  # zeros before: causal
+        padded[:, channels:, :time] = x  # zeros after: anti-causal
+        weight = torch.cat([self.conv1d.weight, self.conv1d_b.weight.flip(-1)])
+        bias = torch.cat([self.conv1d.bias, self.conv1d_b.bias]) if self.conv1d.bias is not None else None
+        return F.silu(F.conv1d(padded, weight, bias, groups=2 * channels)).transpose(1, 2).contiguous()
+
+    def _forward_reordered(self, x, z, reverse_index):
+        """Bidirectional forward whose backward direction reads the sequence gathered by ``reverse_index``:
+        both directions run as one forward-in-time scan of two channel groups, then the backward output
+        is gathered back and the two are combined."""
+        batch, time, _ = x.shape
+        x = x.transpose(1, 2)
+        x = torch.cat([x, reverse_time(x, reverse_index, dim=2)], dim=1)
         directions = len(self.suffixes)
         conv_weight = stack_directions(self, "conv1d", "weight").view(directions * self.d_inner, -1)
         conv_bias = stack_directions(self, "conv1d", "bias").flatten() if self.conv1d.bias is not None else None
-        x = causal_conv1d_silu(x, conv_weight, conv_bias)
-        x = x.view(batch, directions, self.d_inner, time)
-
+        x = causal_conv1d_silu(x, conv_weight, conv_bias).view(batch, directions, self.d_inner, time)
         x_dbl = torch.einsum("bgdl,gkd->bgkl", x, stack_directions(self, "x_proj", "weight"))
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
         dt = torch.einsum("bgrl,gdr->bgdl", dt, stack_directions(self, "dt_proj", "weight"))
-        A = -torch.exp(stack_directions(self, "A_log").float()).flatten(0, 1)
         y = selective_scan(
             x.flatten(1, 2),
             dt.flatten(1, 2),
-            A,
+            -torch.exp(stack_directions(self, "A_log").float()).flatten(0, 1),
             B,
             C,
             D=stack_directions(self, "D").float().flatten(),
             delta_bias=stack_directions(self, "dt_proj", "bias").float().flatten(),
             delta_softplus=True,
         )
-        if self.bidirectional:
-            y_forward, y_backward = y.chunk(2, dim=1)
-            y = y_forward + reverse_time(y_backward, reverse_index, dim=2)
-            if self.combine == "mean":
-                y = 0.5 * y
-        y = y * nn.functional.silu(z)
-        return self.out_proj(y.transpose(1, 2))
+        y_forward, y_backward = y.chunk(2, dim=1)
+        y = y_forward + reverse_time(y_backward, reverse_index, dim=2)
+        if self.combine == "mean":
+            y = 0.5 * y
+        return self.out_proj((y * F.silu(z.transpose(1, 2))).transpose(1, 2))
 
     def allocate_inference_cache(self, batch_size, dtype=None, device=None):
         """Zero states for recurrent decoding, as in ``mamba_ssm``.
@@ -199,35 +248,37 @@ class Mamba(nn.Module):
     def _scan_from_cache(self, x, lengths, conv_state, ssm_state, suffix=""):
         """Convolution and scan of one direction (``suffix`` "" or "_b") over x (batch, d_inner, time).
 
-        Padded frames get step size 0, an identity step of the recurrence (decay exp(0 * A) = 1, no
-        input), and the conv_state is gathered at each row's last valid frame, so the states hold
-        every row's state after its own valid frames. Returns y (batch, d_inner, time), before gating.
+        The scan treats padded frames as identity steps and the conv_state is gathered at each row's
+        last valid frame, so the states hold every row's state after its own valid frames (on a GPU the
+        Triton kernel runs this, initial state included). Returns y (batch, d_inner, time), before
+        gating, 0 at padded frames.
         """
         conv1d, x_proj, dt_proj = (getattr(self, name + suffix) for name in ("conv1d", "x_proj", "dt_proj"))
-        time, d_conv = x.shape[-1], conv_state.shape[-1]
+        d_conv = conv_state.shape[-1]
         history = torch.cat([conv_state.to(x.dtype), x], dim=2)  # cached inputs, then the new ones
         window = lengths[:, None] + torch.arange(d_conv, device=x.device)  # ends at the last valid frame
         new_conv_state = history.gather(2, window[:, None, :].expand(-1, self.d_inner, -1))
         x = causal_conv1d_silu(history[..., 1:], conv1d.weight.squeeze(1), conv1d.bias)
         x = x[..., d_conv - 1 :]
 
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(dt_proj(dt)).transpose(1, 2)  # (batch, d_inner, time)
-        valid = torch.arange(time, device=x.device) < lengths[:, None]
-        delta = delta * valid[:, None, :]
-        y, last_state = selective_scan(
+        x = x.transpose(1, 2)  # (batch, time, d_inner): the scan's layout
+        dt, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        y, last_state = directional_scan(
             x,
-            delta,
+            F.linear(dt, dt_proj.weight),
             -torch.exp(getattr(self, "A_log" + suffix).float()),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
+            B[:, :, None],
+            C[:, :, None],
             D=getattr(self, "D" + suffix).float(),
+            delta_bias=dt_proj.bias.float(),
+            lengths=lengths,
             initial_state=ssm_state,
             return_last_state=True,
+            backend=self.scan_backend,
         )
         conv_state.copy_(new_conv_state)
         ssm_state.copy_(last_state)
-        return y
+        return y.transpose(1, 2)
 
     def step(self, hidden, cache):
         """Adds one token: hidden (batch, 1, d_model) -> (batch, 1, d_model), updating ``cache`` in place.

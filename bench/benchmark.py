@@ -56,6 +56,7 @@ MODELS = {
 }
 
 COMPILED = "+compile"  # model-name suffix: the same module through torch.compile (default mode)
+BACKEND_SEPARATOR = ":"  # conmamba:triton, conmamba:mamba_ssm: the scan back-end (modules/mamba/scan.py)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -68,9 +69,11 @@ DEFAULTS = dict(seconds=[5, 12, 30, 60, 120], batch=8, repeats=10, warmup=3, thr
 
 
 def mamba_config(model_name, d_model):
-    """The ``mamba_config`` of a ConMamba model name."""
+    """The ``mamba_config`` of a ConMamba model name; ``conmamba:BACKEND`` picks the scan back-end."""
+    model_name, _, backend = model_name.partition(BACKEND_SEPARATOR)
     if model_name == "conmamba":
-        return {"mixer": "mamba", "d_state": 16, "d_conv": 4, "expand": 2, "bidirectional": True}
+        return {"mixer": "mamba", "d_state": 16, "d_conv": 4, "expand": 2, "bidirectional": True,
+                "scan_backend": backend or "auto"}
     # headdim must divide expand * d_model (e.g. 288 for d_model 144, hence headdim 32 there)
     return {"mixer": "mamba2", "d_state": 64, "expand": 2, "headdim": math.gcd(2 * d_model, 64), "bidirectional": True}
 
@@ -168,6 +171,14 @@ def time_training_step(model, x, padding_mask, device, dtype, warmup, repeats):
     return statistics.median(times), min(times), max(times), peak_mib
 
 
+def utterance_frames(batch, frames, ragged):
+    """Valid frames of each utterance: all ``frames`` long, or with ``ragged`` spread evenly from half
+    of ``frames`` to all of it (the longest first), as in a batch of LibriSpeech-like lengths."""
+    if not ragged or batch == 1:
+        return torch.full((batch,), frames)
+    return torch.linspace(frames, max(1, frames // 2), batch).round().long()
+
+
 def run_cell(what, model_name, seconds, batch, args, size, device, dtype):
     """Builds one model, times it at one length and returns the result row ("OOM" on out-of-memory)."""
     frames = max(1, round(seconds / FRAME_SECONDS))
@@ -179,12 +190,13 @@ def run_cell(what, model_name, seconds, batch, args, size, device, dtype):
         model = build_model(model_name, what, size, args.dropout).to(device).train()
         row["parameters"] = sum(p.numel() for p in model.parameters())
         x = torch.randn(batch, frames, size["d_model"], device=device)
-        padding_mask = torch.zeros(batch, frames, dtype=torch.bool, device=device)
+        lengths = utterance_frames(batch, frames, args.ragged).to(device)
+        padding_mask = torch.arange(frames, device=device) >= lengths[:, None]
         median, fastest, slowest, peak = time_training_step(
             model, x, padding_mask, device, dtype, args.warmup, args.repeats
         )
         row.update(time_ms=median, time_ms_min=fastest, time_ms_max=slowest, peak_mib=peak)
-        row["audio_s_per_s"] = batch * seconds / (median / 1e3)
+        row["audio_s_per_s"] = lengths.sum().item() * FRAME_SECONDS / (median / 1e3)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     model = x = padding_mask = None
@@ -311,7 +323,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="models (append +compile for torch.compile, e.g. conmamba+compile):\n"
+        epilog="models (append +compile for torch.compile, e.g. conmamba+compile; conmamba:BACKEND picks the "
+        "scan back-end of modules/mamba/scan.py, e.g. conmamba:mamba_ssm):\n"
         + "\n".join(f"  {k:17} {v}" for k, v in MODELS.items()),
     )
     parser.add_argument("--what", choices=["layer", "encoder", "all"], default="all")
@@ -334,6 +347,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, help="untimed steps per cell (default 3)")
     parser.add_argument("--out", help="directory for results.csv, results.json and plots")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few repeats, for tests")
+    parser.add_argument("--ragged", action="store_true",
+                        help="utterances from half the length to the full length in each batch (padding costs count); "
+                        "audio s per s counts valid audio only")
     args = parser.parse_args(argv)
 
     defaults = SMOKE if args.smoke else DEFAULTS
@@ -344,7 +360,7 @@ def parse_args(argv=None):
     args.warmup = defaults["warmup"] if args.warmup is None else args.warmup
     args.threads = args.threads or defaults["threads"]
     args.models = args.models.split(",")
-    unknown = {m.removesuffix(COMPILED) for m in args.models} - set(MODELS)
+    unknown = {m.removesuffix(COMPILED).partition(BACKEND_SEPARATOR)[0] for m in args.models} - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     if args.device == "cuda":

@@ -16,13 +16,12 @@ state after each row's last valid frame (batch, directions * dim, state), float3
 
 Back-ends, picked by ``backend`` (a mixer's ``scan_backend``, settable from the yaml):
 
-* ``"auto"`` (default): on CUDA tensors ``"mamba_ssm"`` when that package's kernel is built, else
-  ``"triton"``; ``"torch"`` elsewhere. The order is the measured one: on an H200 the mamba_ssm
-  kernel's forward + backward is still faster than ours (RESULTS.md, ``bench/scan_kernels.py``);
+* ``"auto"`` (default): ``"triton"`` on CUDA tensors, ``"torch"`` elsewhere;
 * ``"triton"``: our kernels (:mod:`.scan_triton`), both directions in one launch, everything fused;
   Triton comes with PyTorch's CUDA wheels, so a GPU needs nothing compiled;
-* ``"mamba_ssm"``: the CUDA kernel of the ``mamba_ssm`` package (:mod:`.scan_cuda`); it takes no
-  initial state, so such scans (streaming, decoding caches) run on ``"triton"``;
+* ``"mamba_ssm"``: the CUDA kernel of the ``mamba_ssm`` package (:mod:`.scan_cuda`), only when asked
+  for (to benchmark the two side by side: RESULTS.md); it takes no initial state, so such scans
+  (streaming, decoding caches) run on ``"triton"``;
 * ``"torch"``: :class:`~.selective_scan.SelectiveScanTorch`, any device;
 * ``"script"``: :func:`~.selective_scan.scan_loop`, whose time loop survives ``torch.jit.trace``
   (TorchScript export; no initial state, no last state).
@@ -88,7 +87,7 @@ def pick_backend(requested, on_cuda, mamba_ssm_built, has_initial_state):
         raise RuntimeError("scan_backend 'mamba_ssm' needs the mamba_ssm CUDA kernels: pip install mamba-ssm")
     backend = requested
     if requested == "auto":
-        backend = "torch" if not on_cuda else "mamba_ssm" if mamba_ssm_built else "triton"
+        backend = "triton" if on_cuda else "torch"
     if backend == "mamba_ssm" and has_initial_state:
         backend = "triton"  # the mamba_ssm kernel starts every scan from zero
     return backend

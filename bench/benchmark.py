@@ -36,7 +36,8 @@ from speechbrain.nnet.activations import Swish  # noqa: E402
 from speechbrain.nnet.attention import RelPosEncXL  # noqa: E402
 
 from modules.conmamba import ConMambaEncoder, ConMambaEncoderLayer  # noqa: E402
-from modules.mamba.selective_scan import cuda_kernel_available  # noqa: E402
+from modules.mamba import scan_cuda  # noqa: E402
+from modules.mamba.scan import pick_backend  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -224,7 +225,8 @@ def environment(device):
         speechbrain=version("speechbrain"),
         mamba_ssm=version("mamba-ssm"),
         causal_conv1d=version("causal-conv1d"),
-        mamba_ssm_kernels_used=cuda and cuda_kernel_available(),
+        default_scan_backend=pick_backend("auto", cuda, scan_cuda.available, has_initial_state=False),
+        triton=version("triton"),
         gpu=torch.cuda.get_device_name(device) if cuda else None,
         cuda=torch.version.cuda if cuda else None,
         cpu_threads=torch.get_num_threads(),

@@ -8,6 +8,7 @@ drops it from its batch. A batch left with no utterance stops the run all the sa
 process would hang the others under DDP.
 """
 
+import csv
 import logging
 import os
 
@@ -29,6 +30,12 @@ def check_policy(bad_data):
     """Raises unless ``bad_data`` is one of BAD_DATA_POLICIES."""
     if bad_data not in BAD_DATA_POLICIES:
         raise ValueError(f"bad_data must be one of {', '.join(BAD_DATA_POLICIES)}, not {bad_data!r}")
+
+
+def read_csv(path):
+    """The rows of a csv file, as dicts."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def row_problem(row, max_duration):

@@ -4,6 +4,7 @@ Each ``train_*.py`` keeps SpeechBrain's recipe shape (a ``Brain`` subclass, ``da
 ``__main__``); the pieces that would otherwise be copied between them live here.
 """
 
+import csv
 import logging
 import os
 
@@ -13,9 +14,10 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from librispeech_prepare import prepare_librispeech
+from librispeech_prepare import ALPHABET, prepare_librispeech
 from modules.checkpointing import average_checkpoints
-from modules.data_checks import collate_readable, load_manifest, read_checked_audio
+from modules.data_checks import BadDataError, collate_readable, load_manifest, read_checked_audio, read_csv
+from modules.text_tokenizer import train_sentencepiece
 
 logger = logging.getLogger(__name__)
 
@@ -130,21 +132,66 @@ def prepare_manifests(hparams):
 
 
 def train_tokenizer(hparams):
-    """SentencePiece model trained on the training transcripts (type, size and ids from the yaml).
+    """SentencePiece model of the training transcripts (type, size and ids from the yaml), checked to
+    fit the output layer (:func:`check_tokenizer_fits`).
 
-    Id 0 is <unk>, the CTC blank and the padding. The folder is made here because SentencePiece's
-    own check-then-create races between DDP processes.
+    Every character of ALPHABET is in the vocabulary, seen in the transcripts or not, so that a
+    character tokenizer has the same tokens on any LibriSpeech-style corpus: output_neurons (31) with
+    <unk>, <s>, </s> and the word boundary. Id 0 is <unk>, the CTC blank and the padding.
     """
-    os.makedirs(hparams["tokenizer_folder"], exist_ok=True)
-    return SentencePiece(
-        model_dir=hparams["tokenizer_folder"],
-        vocab_size=hparams["output_neurons"],
-        annotation_train=hparams["train_csv"],
-        annotation_read="wrd",
-        model_type=hparams["token_type"],
-        character_coverage=hparams["character_coverage"],
-        bos_id=hparams["bos_index"],
-        eos_id=hparams["eos_index"],
+    run_on_main(
+        train_sentencepiece,
+        kwargs={
+            "lines": (row["wrd"] for row in read_csv(hparams["train_csv"])),
+            "model_dir": hparams["tokenizer_folder"],
+            "vocab_size": hparams["output_neurons"],
+            "model_type": hparams["token_type"],
+            "character_coverage": hparams["character_coverage"],
+            "required_chars": ALPHABET,
+            "max_sentencepiece_length": 10,
+            "unk_id": 0,
+            "bos_id": hparams["bos_index"],
+            "eos_id": hparams["eos_index"],
+            "pad_id": -1,
+        },
+    )
+    tokenizer = SentencePiece(
+        model_dir=hparams["tokenizer_folder"], vocab_size=hparams["output_neurons"], model_type=hparams["token_type"]
+    )
+    check_tokenizer_fits(tokenizer.sp, hparams["output_neurons"], hparams["train_csv"])
+    return tokenizer
+
+
+def check_tokenizer_fits(sp, output_neurons, train_csv):
+    """Raises BadDataError unless the tokenizer has exactly ``output_neurons`` tokens.
+
+    More tokens would be labels outside the output layer, which torch's CTC loss takes without an
+    error; fewer would be outputs that no label trains. The usual cause is a transcript character
+    outside ALPHABET, which grows a character tokenizer: the error names such characters and a
+    transcript that has them.
+    """
+    size = sp.vocab_size()
+    if size == output_neurons:
+        return
+    fix = f"or set output_neurons: {size} and train in a new output_folder"
+    outside = {}  # character -> the first row that has it
+    for row in read_csv(train_csv):
+        for char in set(row["wrd"]) - set(ALPHABET + " "):
+            outside.setdefault(char, row)
+    if size < output_neurons or not outside:
+        raise BadDataError(
+            f"The tokenizer trained on {train_csv} has {size} tokens, but output_neurons is {output_neurons}: "
+            f"set token_type or output_neurons so that they agree ({fix})"
+        )
+    chars = sorted(outside)
+    example = outside[chars[0]]
+    raise BadDataError(
+        f"The transcripts of {train_csv} have characters outside LibriSpeech's alphabet (A-Z and '): "
+        f"{', '.join(repr(char) for char in chars)}, e.g. utterance {example['ID']}: {example['wrd']!r}. "
+        f"The tokenizer then has {size} tokens, more than output_neurons ({output_neurons}), and they would be "
+        "labels outside the output layer. Write them out in the alphabet (e.g. 42 -> FORTY TWO) in the "
+        f"transcripts and prepare the manifests again (librispeech_prepare.py normalises case, accents and "
+        f"apostrophes), {fix}."
     )
 
 

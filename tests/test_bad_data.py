@@ -203,3 +203,24 @@ def test_speech_units_leave_out_undecodable_audio_with_skip(corpus, caplog):
         f"unit manifest keeps {len(units)} of {len(rows)} utterances; warnings name "
         f"{relative(truncated, data_folder)} and log 'Left 1 unreadable utterances of train.csv out of ...'",
     )
+
+
+def test_characters_outside_the_alphabet_stop_training_at_start_up(corpus):
+    """Digits and an accent in a hand-edited transcript would grow the character tokenizer past the
+    output layer (31), and torch's CTC loss takes labels outside it without an error."""
+    _, output = corpus
+    rows = read_manifest(output / "train.csv")
+    rows[2]["wrd"] = "ROOM 101 CAFÉ"
+    write_manifest(output / "train.csv", rows)
+
+    _, text = run_recipe(output, returncode=1)
+
+    message = text.strip().splitlines()[-1]
+    assert "characters outside LibriSpeech's alphabet (A-Z and '): '0', '1', 'É'" in message
+    assert f"e.g. utterance {rows[2]['ID']}: 'ROOM 101 CAFÉ'" in message
+    assert "The tokenizer then has 34 tokens, more than output_neurons (31)" in message
+    assert not checkpoints(output)
+    record(
+        "characters outside A-Z and the apostrophe ('ROOM 101 CAFÉ') in a train.csv transcript (CTC, characters)",
+        f"stops at start-up, before training: {message[:420]} ...",
+    )

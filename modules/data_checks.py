@@ -74,13 +74,14 @@ def load_manifest(path, data_folder, bad_data, max_duration):
 
 
 def read_checked_audio(wav, sample_rate, bad_data):
-    """The waveform of ``wav``; if it is missing, does not decode or is not at ``sample_rate`` Hz, raises
-    BadDataError naming the file (``bad_data: fail``) or logs it and returns None (``skip``: see
-    collate_readable)."""
+    """The waveform of ``wav`` (samples,), multi-channel audio mixed down to mono as transcribe.py does;
+    if it is missing, does not decode or is not at ``sample_rate`` Hz, raises BadDataError naming the file
+    (``bad_data: fail``) or logs it and returns None (``skip``: see collate_readable)."""
     try:
         rate = read_audio_info(wav).sample_rate
         if rate == sample_rate:
-            return read_audio(wav)
+            audio = read_audio(wav)  # (samples, channels) if there are several
+            return audio.mean(dim=1) if audio.dim() == 2 else audio
         problem = f"audio file {wav} is sampled at {rate} Hz, not {sample_rate} Hz"
     except RuntimeError as error:
         problem = f"audio file {wav} " + ("is missing" if not os.path.isfile(wav) else f"cannot be decoded ({error})")

@@ -224,3 +224,26 @@ def test_characters_outside_the_alphabet_stop_training_at_start_up(corpus):
         "characters outside A-Z and the apostrophe ('ROOM 101 CAFÉ') in a train.csv transcript (CTC, characters)",
         f"stops at start-up, before training: {message[:420]} ...",
     )
+
+
+def make_stereo(wav):
+    """Rewrites a FLAC as two channels: the original and its half."""
+    signal, rate = soundfile.read(wav)
+    soundfile.write(wav, np.stack([signal, 0.5 * signal], axis=1), rate)
+
+
+def test_stereo_audio_is_mixed_down_in_training_validation_and_test(corpus):
+    data_folder, output = corpus
+    stereo = [read_manifest(output / f"{split}.csv")[0]["wav"] for split in ("train", "dev", "test")]
+    for wav in stereo:
+        make_stereo(wav)
+
+    run_recipe(output)  # stopped with "IndexError: All tensors must have same number of dimensions"
+
+    assert os.path.isfile(output / "wer_test.txt")
+    assert stereo[2].split("/")[-1][: -len(".flac")] in (output / "wer_test.txt").read_text()
+    record(
+        "a stereo FLAC in each of train, dev and test (bad_data: fail)",
+        "mixed down to mono when read (as transcribe.py does): training, validation and test completed (exit 0) "
+        f"and {relative(stereo[2], data_folder)} is scored in wer_test.txt",
+    )

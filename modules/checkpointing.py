@@ -5,7 +5,8 @@ job killed while saving leaves a folder that the next run takes for a valid chec
 checkpoint is written into ``unfinished-CKPT+...`` and renamed to ``CKPT+...`` (atomic) once
 complete; a save that fails removes its folder, keeps the previous checkpoints and says why. A
 file that cannot be loaded (truncated, garbage, another model's) is named in the error, and
-recovery falls back to the previous checkpoint with a warning. Every torch file is loaded with
+recovery falls back to the previous checkpoint with a warning; the checkpoint that failed is renamed
+``corrupt-CKPT+...``, out of the set of kept checkpoints. Every torch file is loaded with
 ``weights_only=True`` (SpeechBrain's hooks call ``torch.load`` without the argument; its default
 is ``True`` since torch 2.6, and ``tests/test_checkpoints.py`` checks it). The checkpoints also
 hold the random generators' states, so that a resumed run draws the same dropout and
@@ -36,6 +37,7 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process
 logger = logging.getLogger(__name__)
 
 UNFINISHED_PREFIX = "unfinished-"
+CORRUPT_PREFIX = "corrupt-"
 
 
 class CheckpointLoadError(RuntimeError):
@@ -81,14 +83,18 @@ class SafeCheckpointer(Checkpointer):
         if not candidates:
             logger.info("Would load a checkpoint here, but none found yet.")
             return None
+        unloadable = []
         for checkpoint, fallback in zip(candidates, candidates[1:] + [None]):
             try:
                 self.load_checkpoint(checkpoint)
-                return checkpoint
             except CheckpointLoadError as error:
                 if fallback is None:
                     raise
                 logger.warning(f"{error}\nFalling back to the previous checkpoint {fallback.path}.")
+                unloadable.append(checkpoint)
+                continue
+            self._set_aside(unloadable)
+            return checkpoint
 
     def load_checkpoint(self, checkpoint):
         """Loads a checkpoint; a file that fails raises :class:`CheckpointLoadError` naming it.
@@ -110,6 +116,25 @@ class SafeCheckpointer(Checkpointer):
             super().load_checkpoint(checkpoint)
         finally:
             self.custom_load_hooks, self.recoverables = own_hooks, own_order
+
+    def _set_aside(self, checkpoints):
+        """Renames checkpoints that failed to load while an older one loaded to ``corrupt-CKPT+...``.
+
+        Left in place, they would count among the ``num_to_keep`` kept checkpoints, pushing out a valid
+        one, and be averaged at test. They are renamed, not deleted, so that they can be inspected.
+        """
+        if not checkpoints:
+            return
+        ddp_barrier()  # every process has loaded the fallback
+        if not if_main_process():
+            return
+        for checkpoint in checkpoints:
+            aside = checkpoint.path.with_name(CORRUPT_PREFIX + checkpoint.path.name)
+            checkpoint.path.rename(aside)
+            logger.warning(
+                f"Moved the checkpoint that failed to load to {aside}: it no longer counts among the kept "
+                "checkpoints. Delete it once inspected."
+            )
 
     def _remove_unfinished(self):
         """Removes the folders of saves that did not finish (this run's or a killed run's)."""

@@ -122,7 +122,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog, corruption)
     with caplog.at_level(logging.WARNING):
         loaded = checkpointer(tmp_path, fresh).recover_if_possible()
     assert loaded.meta["value"] == 1.0 and loaded_value(fresh) == 1.0
-    warning = caplog.records[-1].getMessage()
+    warning = next(r.getMessage() for r in caplog.records if "Falling back" in r.getMessage())
     assert f"Cannot load the checkpoint file {bad_file}" in warning
     assert "Falling back to the previous checkpoint" in warning
     record(f"{corruption} model.ckpt in the latest checkpoint", f"warning: {warning.splitlines()[0][:160]} ...; "
@@ -204,3 +204,35 @@ def test_every_recipe_yaml_uses_the_safe_checkpointer():
     tags = {path: yaml_top_level(path)["checkpointer"][0] for path in yamls}
     assert len(tags) > 3 * 3
     assert set(tags.values()) == {"!new:modules.checkpointing.SafeCheckpointer"}, tags
+
+
+def test_a_corrupt_checkpoint_leaves_the_kept_set_after_the_fallback(tmp_path, caplog):
+    """Training keeps the 2 latest checkpoints; the latest is truncated; the run resumes from the previous
+    one and saves again: the 2 kept must be the valid ones, and the test average must use both."""
+    layer = torch.nn.Linear(3, 4)
+    ckpt = checkpointer(tmp_path, layer)
+    first, second = save(ckpt, layer, 1.0), save(ckpt, layer, 2.0)
+    truncated = (second.path / "model.ckpt").read_bytes()[:100]
+    (second.path / "model.ckpt").write_bytes(truncated)
+
+    resumed = torch.nn.Linear(3, 4)
+    ckpt = checkpointer(tmp_path, resumed)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.recover_if_possible().path == first.path
+    with torch.no_grad():
+        resumed.weight.fill_(3.0)
+        resumed.bias.fill_(3.0)
+    ckpt.save_and_keep_only(meta={"value": 3.0}, num_to_keep=2)
+
+    kept = sorted(c.meta["value"] for c in ckpt.list_checkpoints())
+    assert kept == [1.0, 3.0]
+    aside = tmp_path / f"corrupt-{second.path.name}"
+    assert (aside / "model.ckpt").read_bytes() == truncated  # renamed, not deleted
+    assert f"Moved the checkpoint that failed to load to {aside}" in caplog.text
+    averaged = average_checkpoints(ckpt.find_checkpoints(max_num_checkpoints=2), "model")
+    assert {v.unique().item() for v in averaged.values()} == {2.0}
+    record(
+        "latest of 2 kept checkpoints truncated, training resumed and saved again (num_to_keep 2)",
+        f"recovery falls back to the previous checkpoint and renames the bad one to corrupt-CKPT+<time>; kept "
+        f"after the next save: the checkpoints of values {kept} (both valid), and the test average uses 2 of 2",
+    )

@@ -5,6 +5,7 @@ go on, and the exit status says that something failed; JSON output has word time
 import csv
 import json
 
+import numpy as np
 import pytest
 import soundfile
 import torch
@@ -12,7 +13,8 @@ import torchaudio
 
 from modules.inference import load_asr
 from recipe_runs import tiny_ctc_run
-from transcribe import main
+from reliability_report import record
+from transcribe import Transcriber, main
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +112,48 @@ def test_a_folder_that_is_not_an_inference_folder_is_refused_clearly(tmp_path, c
     status, _, err = run(["--model", tmp_path, tmp_path / "a.wav"], capsys)
     assert status == 2
     assert "not an inference folder" in err
+
+
+@pytest.mark.reliability
+def test_a_too_short_or_nan_file_gets_its_error_line_and_the_others_are_transcribed(ctc_run, audio, tmp_path, capsys):
+    """Alone in their batch, a 10 ms file and a file with a NaN sample crashed the whole job."""
+    folder, expected = audio
+    short, nan = tmp_path / "short.wav", tmp_path / "nan.wav"
+    soundfile.write(short, np.full(160, 0.01), 16000)  # 10 ms
+    samples = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    samples[100] = np.nan
+    soundfile.write(nan, samples, 16000, subtype="FLOAT")
+
+    status, out, err = run(["--model", ctc_run / "inference", "--batch_size", "1", short, nan, folder], capsys)
+
+    assert status == 1
+    assert lines(out) == expected
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert errors == [
+        f"transcribe.py: error: {short}: too short (10 ms): at least 40 ms of audio is needed",
+        f"transcribe.py: error: {nan}: the audio has NaN or infinite samples; export it again from its source",
+    ]
+    assert f"2 of {2 + len(expected)} files failed" in err
+    record(
+        "transcribe.py on a 10 ms WAV, a WAV with a NaN sample and 3 good files (--batch_size 1)",
+        f"exit 1; the 3 good files transcribed on stdout; stderr: '{errors[0].split(': ', 2)[2]}' and "
+        f"'{errors[1].split(': ', 2)[2]}', each with its path, and '2 of 5 files failed'",
+    )
+
+
+def test_a_file_the_model_fails_on_costs_only_its_own_transcript(ctc_run, audio, capsys, monkeypatch):
+    folder, expected = audio
+    failing = sorted(expected)[1]
+    transcribe_batch = Transcriber.transcribe_batch
+
+    def fails_on_one_file(self, batch):
+        if any(path == failing for path, _ in batch):
+            raise RuntimeError("injected model failure")
+        return transcribe_batch(self, batch)
+
+    monkeypatch.setattr(Transcriber, "transcribe_batch", fails_on_one_file)
+    status, out, err = run(["--model", ctc_run / "inference", "--batch_size", "8", folder], capsys)
+
+    assert status == 1
+    assert lines(out) == {path: text for path, text in expected.items() if path != failing}
+    assert f"error: {failing}: the model failed on it (RuntimeError: injected model failure)" in err

@@ -16,7 +16,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from librispeech_prepare import ALPHABET, prepare_librispeech
 from modules.checkpointing import average_checkpoints
-from modules.data_checks import BadDataError, collate_readable, load_manifest, read_checked_audio, read_csv
+from modules.data_checks import BadDataError, collate_readable, load_manifest, read_checked_audio, read_manifest
 from modules.text_tokenizer import train_sentencepiece
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def train_tokenizer(hparams):
     run_on_main(
         train_sentencepiece,
         kwargs={
-            "lines": (row["wrd"] for row in read_csv(hparams["train_csv"])),
+            "lines": (row["wrd"] for row in read_manifest(hparams["train_csv"])[0].values()),
             "model_dir": hparams["tokenizer_folder"],
             "vocab_size": hparams["output_neurons"],
             "model_type": hparams["token_type"],
@@ -174,20 +174,20 @@ def check_tokenizer_fits(sp, output_neurons, train_csv):
     if size == output_neurons:
         return
     fix = f"or set output_neurons: {size} and train in a new output_folder"
-    outside = {}  # character -> the first row that has it
-    for row in read_csv(train_csv):
+    outside = {}  # character -> the first utterance that has it
+    for utt_id, row in read_manifest(train_csv)[0].items():
         for char in set(row["wrd"]) - set(ALPHABET + " "):
-            outside.setdefault(char, row)
+            outside.setdefault(char, (utt_id, row["wrd"]))
     if size < output_neurons or not outside:
         raise BadDataError(
             f"The tokenizer trained on {train_csv} has {size} tokens, but output_neurons is {output_neurons}: "
             f"set token_type or output_neurons so that they agree ({fix})"
         )
     chars = sorted(outside)
-    example = outside[chars[0]]
+    utt_id, transcript = outside[chars[0]]
     raise BadDataError(
         f"The transcripts of {train_csv} have characters outside LibriSpeech's alphabet (A-Z and '): "
-        f"{', '.join(repr(char) for char in chars)}, e.g. utterance {example['ID']}: {example['wrd']!r}. "
+        f"{', '.join(repr(char) for char in chars)}, e.g. utterance {utt_id}: {transcript!r}. "
         f"The tokenizer then has {size} tokens, more than output_neurons ({output_neurons}), and they would be "
         "labels outside the output layer. Write them out in the alphabet (e.g. 42 -> FORTY TWO) in the "
         f"transcripts and prepare the manifests again (librispeech_prepare.py normalises case, accents and "

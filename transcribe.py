@@ -33,7 +33,7 @@ from speechbrain.dataio import audio_io
 from speechbrain.inference.ASR import EncoderASR
 from tqdm import tqdm
 
-from modules.inference import load_asr
+from modules.inference import InferenceFolderError, load_asr
 from modules.long_form import frame_samples, transcribe_long
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
@@ -197,7 +197,7 @@ def main(argv=None):
     paths = find_audio(args.inputs, args.list)
     try:
         asr = load_asr(args.model, device=args.device)
-    except FileNotFoundError as error:
+    except InferenceFolderError as error:
         print(f"transcribe.py: error: {error}", file=sys.stderr)
         return 2
 

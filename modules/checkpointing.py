@@ -7,14 +7,16 @@ complete; a save that fails removes its folder, keeps the previous checkpoints a
 file that cannot be loaded (truncated, garbage, another model's) is named in the error, and
 recovery falls back to the previous checkpoint with a warning; the checkpoint that failed is renamed
 ``corrupt-CKPT+...``, out of the set of kept checkpoints. Every torch file is loaded with
-``weights_only=True`` (SpeechBrain's hooks call ``torch.load`` without the argument; its default
-is ``True`` since torch 2.6, and ``tests/test_checkpoints.py`` checks it). The checkpoints also
+``weights_only=True``, also through SpeechBrain's hooks, which call ``torch.load`` without the
+argument (:func:`weights_only_loading`): torch's default would otherwise decide, and
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns it off. The checkpoints also
 hold the random generators' states, so that a resumed run draws the same dropout and
 augmentation as an uninterrupted one.
 """
 
 import contextlib
 import errno
+import functools
 import logging
 import random
 import shutil
@@ -113,7 +115,8 @@ class SafeCheckpointer(Checkpointer):
             sorted(own_order.items(), key=lambda item: isinstance(item[1], SaveableDataLoader))
         )
         try:
-            super().load_checkpoint(checkpoint)
+            with weights_only_loading():
+                super().load_checkpoint(checkpoint)
         finally:
             self.custom_load_hooks, self.recoverables = own_hooks, own_order
 
@@ -173,7 +176,7 @@ def average_checkpoints(checkpoints, recoverable_name):
         for checkpoint in checkpoints:
             path = checkpoint.paramfiles[recoverable_name]
             try:
-                with _errors_naming(path):
+                with errors_naming(path):
                     state_dict = torch.load(path, map_location="cpu", weights_only=True)
             except CheckpointLoadError as error:
                 logger.warning(f"{error}\nLeft out of the checkpoint average.")
@@ -190,17 +193,44 @@ def _naming_the_file(hook):
     """The load hook with its errors turned into :class:`CheckpointLoadError` naming the file."""
 
     def load(obj, path, end_of_epoch):
-        with _errors_naming(path):
+        with errors_naming(path):
             hook(obj, path, end_of_epoch)
 
     return load
 
 
 @contextlib.contextmanager
-def _errors_naming(path):
+def weights_only_loading():
+    """Makes every ``torch.load`` in the block load with ``weights_only=True``, and raise
+    :class:`CheckpointLoadError` naming the file if it fails.
+
+    SpeechBrain's checkpoint hooks and its ``Pretrainer`` call ``torch.load`` without ``weights_only``,
+    so a pickled payload in a checkpoint or an inference folder would run wherever torch's default is
+    off (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``). ``torch.load`` is swapped for the block: loading is
+    single-threaded here.
+    """
+    load = torch.load
+
+    @functools.wraps(load)
+    def load_weights_only(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with errors_naming(f):
+            return load(f, *args, **kwargs)
+
+    torch.load = load_weights_only
+    try:
+        yield
+    finally:
+        torch.load = load
+
+
+@contextlib.contextmanager
+def errors_naming(path):
     """Turns an error while loading ``path`` into :class:`CheckpointLoadError` naming the file and the likely cause."""
     try:
         yield
+    except CheckpointLoadError:
+        raise  # names its file already
     except Exception as error:
         raise CheckpointLoadError(
             f"Cannot load the checkpoint file {path}: {type(error).__name__}: {error}\n"

@@ -25,6 +25,7 @@ import ruamel.yaml
 import torch
 from speechbrain.inference.interfaces import Pretrained
 
+from modules.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
 from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
 
 logger = logging.getLogger(__name__)
@@ -86,24 +87,42 @@ def inference_yaml(training_yaml, template):
     return header + model_keys.getvalue() + "\n" + template
 
 
+class InferenceFolderError(RuntimeError):
+    """An inference folder that cannot be loaded; the message names the folder or the file."""
+
+
 def load_asr(folder, device="cpu"):
     """The interface of an inference folder (the class its yaml's ``interface`` names), on ``device``.
 
     Files are used in place (``savedir`` is the folder itself): nothing is copied, linked or downloaded.
     A bundled unit encoder is used from the folder's own copy, wherever the folder has been moved.
+    Torch files load with ``weights_only=True`` whatever torch's default, and ``model.ckpt`` strictly.
+    The folder's ``hyperparams.yaml`` builds objects, i.e. runs code: load only folders you trust.
+    Raises :class:`InferenceFolderError` naming the file that fails.
     """
     hparams_file = os.path.join(folder, "hyperparams.yaml")
     if not os.path.isfile(hparams_file):
-        raise FileNotFoundError(
+        raise InferenceFolderError(
             f"{folder} is not an inference folder (no hyperparams.yaml): give <output_folder>/inference "
             "of a finished training run"
         )
-    with open(hparams_file, encoding="utf-8") as f:
-        interface = ruamel.yaml.YAML().load(f)["interface"]
-    module_name, class_name = interface.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        with open(hparams_file, encoding="utf-8") as f:
+            interface = ruamel.yaml.YAML().load(f)["interface"]
+        module_name, class_name = interface.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except Exception as error:
+        raise InferenceFolderError(f"Cannot read the interface class of {hparams_file}: {error}") from error
     folder = os.path.abspath(folder)
-    asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+    try:
+        with weights_only_loading():
+            asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+    except CheckpointLoadError as error:
+        raise InferenceFolderError(str(error)) from error
+    except Exception as error:
+        raise InferenceFolderError(
+            f"Cannot load the inference folder {folder}: {type(error).__name__}: {error}"
+        ) from error
     if os.path.isdir(os.path.join(folder, UNIT_ENCODER)):
         asr.mods.unit_features.source = os.path.join(folder, UNIT_ENCODER)
     return asr
@@ -112,6 +131,13 @@ def load_asr(folder, device="cpu"):
 def complete(partial, **kwargs):
     """Calls a yaml ``!name:`` object with its remaining arguments (e.g. a test searcher with its scorer)."""
     return partial(**kwargs)
+
+
+def load_model_strictly(model, path):
+    """Pretrainer hook: the model's parameters, every key present (SpeechBrain's own hook loads
+    non-strictly, so a model.ckpt missing keys would load and fail later, or not at all)."""
+    with errors_naming(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
 
 
 def load_kmeans(kmeans, path):

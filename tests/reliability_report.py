@@ -29,7 +29,7 @@ def _cell(text):
     """One line of text that is safe inside a markdown table cell, with paths relative to the repository
     pytest's temporary folders written <tmp> and checkpoint times <time>, so that the report does not change from run to run or
     machine to machine for nothing."""
-    text = str(text).replace(ROOT + os.sep, "")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text)).replace(ROOT + os.sep, "")  # no terminal colour codes
     text = re.sub(r"\S*/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+", "<tmp>", text)
     text = re.sub(r"CKPT\+\d{4}-\d\d-\d\d\+\d\d-\d\d-\d\d\+\d\d", "CKPT+<time>", text)  # checkpoint names
     return " ".join(text.split()).replace("|", "\\|")

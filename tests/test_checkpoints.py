@@ -172,7 +172,12 @@ class OpensAFile:
         return (open, (self.path, "w"))
 
 
-def test_checkpoint_loading_runs_no_pickled_code(tmp_path):
+@pytest.mark.parametrize("torch_default", ["weights only", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
+def test_checkpoint_loading_runs_no_pickled_code(tmp_path, monkeypatch, torch_default):
+    """SpeechBrain's hooks call torch.load without weights_only: the environment variable turned torch's
+    default off and the payload ran on resume."""
+    if torch_default != "weights only":
+        monkeypatch.setenv(*torch_default.split("="))
     layer = torch.nn.Linear(3, 4)
     saved = save(checkpointer(tmp_path, layer), layer, 1.0)
     marker = tmp_path / "code_ran"
@@ -180,6 +185,12 @@ def test_checkpoint_loading_runs_no_pickled_code(tmp_path):
     with pytest.raises(CheckpointLoadError, match="Weights only load failed"):
         checkpointer(tmp_path, torch.nn.Linear(3, 4)).recover_if_possible()
     assert not marker.exists()
+    if torch_default != "weights only":
+        record(
+            "pickle payload in model.ckpt, resumed with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1",
+            "not run: every torch.load of a checkpoint passes weights_only=True (also SpeechBrain's hooks'); "
+            "CheckpointLoadError 'Weights only load failed' names the file",
+        )
 
 
 def test_random_state_is_restored(tmp_path):

@@ -4,6 +4,7 @@ go on, and the exit status says that something failed; JSON output has word time
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torchaudio
 from modules.inference import load_asr
 from recipe_runs import tiny_ctc_run
 from reliability_report import record
+from test_checkpoints import OpensAFile
 from transcribe import Transcriber, main
 
 
@@ -157,3 +159,49 @@ def test_a_file_the_model_fails_on_costs_only_its_own_transcript(ctc_run, audio,
     assert status == 1
     assert lines(out) == {path: text for path, text in expected.items() if path != failing}
     assert f"error: {failing}: the model failed on it (RuntimeError: injected model failure)" in err
+
+
+@pytest.fixture
+def folder_copy(ctc_run, tmp_path):
+    """A copy of the tiny run's inference folder, to break."""
+    copy = tmp_path / "inference"
+    shutil.copytree(ctc_run / "inference", copy)
+    return copy
+
+
+def break_model(folder, how):
+    """Replaces model.ckpt: cut short, missing a key, or holding a pickled payload that writes a marker file."""
+    model = folder / "model.ckpt"
+    if how == "truncated":
+        model.write_bytes(model.read_bytes()[:1000])
+    elif how == "missing a key":
+        state = torch.load(model, weights_only=True)
+        state.pop(sorted(state)[0])
+        torch.save(state, model)
+    else:
+        torch.save({"weight": OpensAFile(str(folder.parent / "code_ran"))}, model)
+    return model
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("how", ["truncated", "missing a key", "a pickled payload"])
+def test_a_broken_model_file_is_named_with_its_own_exit_status(folder_copy, audio, capsys, monkeypatch, how):
+    """Before: a 30-line traceback not naming the file, with status 1 (as for failed audio); a model.ckpt
+    missing keys loaded non-strictly; with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 a payload ran."""
+    folder, _ = audio
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default off: the loader must say so
+    model = break_model(folder_copy, how)
+
+    status, out, err = run(["--model", folder_copy, folder], capsys)
+
+    assert status == 2 and not out
+    message = err.strip().splitlines()[0]
+    assert message.startswith(f"transcribe.py: error: Cannot load the checkpoint file {model}: ")
+    assert {"truncated": "PytorchStreamReader", "missing a key": "Missing key(s)",
+            "a pickled payload": "Weights only load failed"}[how] in err
+    assert not (folder_copy.parent / "code_ran").exists()
+    record(
+        f"transcribe.py with an inference folder whose model.ckpt is {how} (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1)",
+        f"exit 2 (1 is for audio files that failed), no transcript, the error: {' '.join(err.split())[:260]} ...; "
+        "no pickled code ran",
+    )

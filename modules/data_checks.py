@@ -54,7 +54,8 @@ def row_problem(row, max_duration):
 
 
 def load_manifest(path, data_folder, bad_data, max_duration):
-    """DynamicItemDataset of the usable rows of the csv manifest ``path``.
+    """DynamicItemDataset of the usable rows of the csv manifest ``path``, with ``manifest_size`` the
+    number of its rows.
 
     With ``bad_data: fail`` any unusable row (see :func:`read_manifest` and :func:`row_problem`) raises
     BadDataError naming the manifest, the rows and the files; with ``skip`` each is logged and left out,
@@ -73,7 +74,9 @@ def load_manifest(path, data_folder, bad_data, max_duration):
         logger.warning(f"Skipping {where} of {path}: {problem}")
     if problems:
         logger.warning(f"Skipped {len(problems)} of {total} utterances of {path} (bad_data: skip)")
-    return sb.dataio.dataset.DynamicItemDataset({k: v for k, v in data.items() if k not in problems})
+    dataset = sb.dataio.dataset.DynamicItemDataset({k: v for k, v in data.items() if k not in problems})
+    dataset.manifest_size = total  # the utterances of the manifest, usable or not
+    return dataset
 
 
 def read_manifest(path, data_folder=None):

@@ -219,7 +219,11 @@ def load_datasets(hparams, train_csv, valid_csv, test_csvs):
     elif hparams["sorting"] != "random":
         raise ValueError(f"sorting must be random, ascending or descending, not {hparams['sorting']!r}")
     valid_data = load(valid_csv).filtered_sorted(sort_key="duration")
-    test_datasets = {name: load(path).filtered_sorted(sort_key="duration") for name, path in test_csvs.items()}
+    test_datasets = {}
+    for name, path in test_csvs.items():
+        test_data = load(path)
+        test_datasets[name] = test_data.filtered_sorted(sort_key="duration")
+        test_datasets[name].manifest_size = test_data.manifest_size  # see evaluate_test_sets
     return train_data, valid_data, test_datasets
 
 
@@ -265,10 +269,13 @@ def loader_options(hparams, train_data, valid_data, length_func=lambda row: row[
 
 def evaluate_test_sets(brain, hparams, test_datasets, **best_key):
     """Tests each set with the averaged best checkpoints (``best_key``: ``min_key=`` or ``max_key=``),
-    writes ``wer_<set>.txt`` to the output folder and prints the WER."""
+    writes ``wer_<set>.txt`` to the output folder and prints the WER, saying how many utterances of
+    the set's manifest it leaves out (``bad_data: skip``): a WER over fewer utterances is another figure."""
     for name, test_set in test_datasets.items():
         brain.test_wer_file = os.path.join(hparams["output_folder"], f"wer_{name}.txt")
         loader_kwargs = dict(hparams["test_dataloader_opts"], collate_fn=collate_readable)
         brain.evaluate(test_set, test_loader_kwargs=loader_kwargs, **best_key)
+        left_out = test_set.manifest_size - len(brain.wer_metric.scores)
+        note = f" ({left_out} of {test_set.manifest_size} utterances left out: bad_data: skip)" if left_out else ""
         if if_main_process():
-            print(f"Test WER on {name}: {brain.test_stats['WER']:.2f} %")
+            print(f"Test WER on {name}: {brain.test_stats['WER']:.2f} %{note}")

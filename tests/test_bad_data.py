@@ -312,3 +312,26 @@ def test_a_manifest_without_a_column_stops_naming_file_and_column(corpus):
         "test.csv without its duration column (bad_data: skip)",
         f"stops before training: {message.split(': ', 1)[1]}",
     )
+
+
+def test_the_test_result_line_says_how_many_utterances_were_left_out(corpus):
+    """bad_data: skip on a test set dropped utterances without the result line saying so."""
+    _, output = corpus
+    rows = read_manifest(output / "test.csv")
+    os.remove(rows[0]["wav"])  # left out when the manifest is loaded
+    rows[1]["wrd"] = ""
+    write_manifest(output / "test.csv", rows)
+    truncated = rows[2]["wav"]  # left out when its audio is read
+    with open(truncated, "rb") as f:
+        head = f.read(os.path.getsize(truncated) // 2)
+    with open(truncated, "wb") as f:
+        f.write(head)
+
+    _, text = run_recipe(output, "--bad_data=skip")
+
+    result = re.search(r"Test WER on test: .*", text).group(0)
+    assert result.endswith(f"% (3 of {len(rows)} utterances left out: bad_data: skip)"), result
+    record(
+        f"bad_data: skip on a test set of {len(rows)} utterances: a missing file, an empty transcript, a truncated FLAC",
+        f"the result line says so: '{re.sub(r'[0-9.]+ %', '<WER> %', result)}'",
+    )

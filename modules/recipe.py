@@ -4,9 +4,11 @@ Each ``train_*.py`` keeps SpeechBrain's recipe shape (a ``Brain`` subclass, ``da
 ``__main__``); the pieces that would otherwise be copied between them live here.
 """
 
-import csv
+import datetime
+import fcntl
 import logging
 import os
+import socket
 
 import speechbrain as sb
 import torch
@@ -20,6 +22,42 @@ from modules.data_checks import BadDataError, collate_readable, load_manifest, r
 from modules.text_tokenizer import train_sentencepiece
 
 logger = logging.getLogger(__name__)
+LOCK_FILE = "run.lock"
+_held_locks = []  # lock files of the output folders this process writes to, open until it ends
+
+
+class OutputFolderInUse(RuntimeError):
+    """Another run is writing to the output folder."""
+
+
+def lock_output_folder(output_folder):
+    """Makes this run the only one writing to ``output_folder`` until its process ends.
+
+    Two runs sharing an output folder crash in data preparation, resume from each other's state or
+    both report WERs of mixed states. The lock is an ``flock`` of ``<output_folder>/run.lock``, which
+    the kernel releases when the process ends, even killed with SIGKILL: the lock file a killed run
+    leaves is stale and does not block the next run. Main process only (a DDP run's processes share
+    the folder).
+    """
+    if not if_main_process():
+        return
+    os.makedirs(output_folder, exist_ok=True)
+    lock = open(os.path.join(output_folder, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a run starting"
+        lock.close()
+        raise OutputFolderInUse(
+            f"The output folder {output_folder} is in use by another run ({holder}). Wait until it ends, "
+            "or give this run another --output_folder."
+        ) from None
+    lock.truncate(0)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+    lock.flush()
+    _held_locks.append(lock)
 
 
 class RecipeBrain(sb.Brain):

@@ -8,10 +8,16 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
 * ``model.ckpt``: the average of the best checkpoints that the test decoded with;
 * ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``,
   and ``unit_encoder/``, a copy of the CTC model's inference folder when the speech units are a layer
-  of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`).
+  of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`);
+* ``modules/``, a copy of this package, whose classes ``hyperparams.yaml`` builds, and ``custom.py``,
+  which names the interface class ``ASR`` for SpeechBrain's ``foreign_class``: the folder loads from any
+  working directory, without this repository (the code shipped in the folder, SpeechBrain's way).
 
 The folder loads offline with the class its yaml names (:func:`load_asr`): SpeechBrain's ``EncoderASR``
-(CTC), ``EncoderDecoderASR`` (joint CTC/attention) or :class:`MadeonASR` (decoder-only over speech units).
+(CTC), ``EncoderDecoderASR`` (joint CTC/attention) or :class:`MadeonASR` (decoder-only over speech units);
+or, from anywhere, ``foreign_class(source=folder, savedir=folder, pymodule_file="custom.py", classname="ASR")``.
+A folder is code (its ``hyperparams.yaml`` builds objects, ``modules/`` is imported): load only folders you
+trust.
 """
 
 import importlib
@@ -30,7 +36,9 @@ from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
 
 logger = logging.getLogger(__name__)
 UNIT_ENCODER = "unit_encoder"  # where a decoder-only folder keeps the CTC model its units come from
-TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hparams", "inference")
+PACKAGE = os.path.dirname(os.path.abspath(__file__))  # modules/, copied into each inference folder
+TEMPLATES = os.path.join(os.path.dirname(PACKAGE), "hparams", "inference")
+CODE_FILE = "custom.py"  # SpeechBrain's default pymodule_file
 
 
 def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None):
@@ -62,10 +70,31 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
         hparams["normalize"]._save(os.path.join(folder, "normalizer.ckpt"))
     if kmeans_file is not None:
         shutil.copyfile(kmeans_file, os.path.join(folder, "kmeans.ckpt"))
+    ship_code(folder, re.search(r"^interface: (\S+)$", template, flags=re.MULTILINE).group(1))
     if hparams.get("lm_file"):
         logger.warning(f"{folder} decodes without the language model of lm_file: it is not exported")
     logger.info(f"Inference folder written: {folder}")
     return folder
+
+
+def ship_code(folder, interface):
+    """Copies this package's Python files to ``<folder>/modules/`` and writes ``<folder>/custom.py``,
+    which imports the interface class as ``ASR``: SpeechBrain's ``foreign_class`` puts the folder on
+    ``sys.path`` and loads it, so that the yaml's ``modules.*`` classes are found anywhere."""
+    shutil.copytree(
+        PACKAGE, os.path.join(folder, "modules"), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        dirs_exist_ok=True,
+    )
+    module_name, class_name = interface.rsplit(".", 1)
+    with open(os.path.join(folder, CODE_FILE), "w", encoding="utf-8") as f:
+        f.write(
+            '"""The interface of this inference folder, for SpeechBrain\'s foreign_class (modules/ holds the code\n'
+            'that hyperparams.yaml builds the model from):\n\n'
+            "    from speechbrain.inference.interfaces import foreign_class\n"
+            '    asr = foreign_class(source=folder, savedir=folder, pymodule_file="custom.py", classname="ASR")\n'
+            '"""\n\n'
+            f"from {module_name} import {class_name} as ASR  # noqa: F401\n"
+        )
 
 
 def inference_yaml(training_yaml, template):

@@ -4,7 +4,10 @@ go on, and the exit status says that something failed; JSON output has word time
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -205,3 +208,24 @@ def test_a_broken_model_file_is_named_with_its_own_exit_status(folder_copy, audi
         f"exit 2 (1 is for audio files that failed), no transcript, the error: {' '.join(err.split())[:260]} ...; "
         "no pickled code ran",
     )
+
+
+def test_an_inference_folder_loads_from_another_directory_without_the_repository(ctc_run, audio, tmp_path):
+    """The folder ships its code (modules/, custom.py), SpeechBrain's way: before, modules.speech_encoder
+    could not be found outside the repository root."""
+    _, expected = audio
+    moved = tmp_path / "elsewhere" / "inference"
+    shutil.copytree(ctc_run / "inference", moved)
+    path, text = sorted(expected.items())[0]
+    code = (
+        "from speechbrain.inference.interfaces import foreign_class\n"
+        f"asr = foreign_class(source={str(moved)!r}, savedir={str(moved)!r}, pymodule_file='custom.py', "
+        "classname='ASR')\n"
+        f"print(repr(asr.transcribe_file({path!r})))\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == repr(text)

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 UNFINISHED_PREFIX = "unfinished-"
 CORRUPT_PREFIX = "corrupt-"
+# torch's zip writer fails on a full disk without an errno ("[enforce fail at inline_container.cc:672] .
+# unexpected pos ..."): a save is taken to have filled the disk if less than this is free when it fails
+DISK_FULL_BYTES = 1 << 20
 
 
 class CheckpointLoadError(RuntimeError):
@@ -65,8 +68,9 @@ class SafeCheckpointer(Checkpointer):
             unfinished = super().save_checkpoint(meta, end_of_epoch, name, verbosity=logging.DEBUG)
             ddp_barrier()  # every process has written its files
         except Exception as error:
+            save_error = self._save_error(error)  # before the clean-up frees the space the save filled
             self._remove_unfinished()
-            raise self._save_error(error) from error
+            raise save_error from error
         if unfinished is None:  # not the main process
             return None
         path = unfinished.path.with_name(unfinished.path.name[len(UNFINISHED_PREFIX):])
@@ -158,7 +162,7 @@ class SafeCheckpointer(Checkpointer):
         """The error to raise for a failed save: what failed, whether the disk is full, what is kept."""
         where = getattr(error, "filename", None) or self.checkpoints_dir
         disk_full = getattr(error, "errno", None) == errno.ENOSPC
-        disk_full = disk_full or shutil.disk_usage(self.checkpoints_dir).free == 0
+        disk_full = disk_full or shutil.disk_usage(self.checkpoints_dir).free < DISK_FULL_BYTES
         previous = self.find_checkpoint()
         kept = f"previous checkpoint kept: {previous.path}" if previous else "no previous checkpoint"
         if disk_full:

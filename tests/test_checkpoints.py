@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -246,4 +247,41 @@ def test_a_corrupt_checkpoint_leaves_the_kept_set_after_the_fallback(tmp_path, c
         "latest of 2 kept checkpoints truncated, training resumed and saved again (num_to_keep 2)",
         f"recovery falls back to the previous checkpoint and renames the bad one to corrupt-CKPT+<time>; kept "
         f"after the next save: the checkpoints of values {kept} (both valid), and the test average uses 2 of 2",
+    )
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 512 KiB tmpfs mounted at tmp_path/small (needs root, as in CI); skips where it cannot be mounted."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # torch may still hold the failed file open
+
+
+def test_a_real_full_disk_is_reported_as_disk_full(small_filesystem):
+    """torch raises '[enforce fail at inline_container.cc:672]' without an errno when the disk fills up."""
+    layer = torch.nn.Linear(100, 100)  # a 40 KB checkpoint
+    ckpt = checkpointer(small_filesystem, layer)
+    previous = save(ckpt, layer, 1.0)
+    ckpt.add_recoverable("big", torch.nn.Linear(400, 400))  # 640 KB more: does not fit
+
+    with pytest.raises(OSError) as error:
+        ckpt.save_and_keep_only(meta={"value": 2.0})
+
+    message = str(error.value)
+    assert error.value.errno == errno.ENOSPC, message
+    assert "inline_container.cc" in repr(error.value.__cause__)
+    assert message == f"[Errno 28] Disk full while writing a checkpoint to {small_filesystem}; previous checkpoint kept: {previous.path}"
+    assert sorted(p.name for p in small_filesystem.iterdir()) == [previous.path.name]
+    fresh = torch.nn.Linear(100, 100)
+    checkpointer(small_filesystem, fresh).recover_if_possible()
+    assert loaded_value(fresh) == 1.0
+    record(
+        "a real full disk (512 KiB tmpfs) while writing a checkpoint",
+        f"torch raises {error.value.__cause__!r:.80} without an errno; training stops with: {message}; the previous "
+        "checkpoint loads, no partial checkpoint folder is left",
     )

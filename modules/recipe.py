@@ -219,7 +219,7 @@ def check_tokenizer_fits(sp, output_neurons, train_csv):
     if size < output_neurons or not outside:
         raise BadDataError(
             f"The tokenizer trained on {train_csv} has {size} tokens, but output_neurons is {output_neurons}: "
-            f"set token_type or output_neurons so that they agree ({fix})"
+            f"check token_type, {fix}."
         )
     chars = sorted(outside)
     utt_id, transcript = outside[chars[0]]

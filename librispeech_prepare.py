@@ -6,7 +6,8 @@ Expected layout (split names are free, e.g. ``train-clean-100`` or ``train``)::
     <data_folder>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<NNNN>.flac
 
 Each split becomes ``<save_folder>/<split>.csv`` with the columns
-``ID,duration,wav,spk_id,wrd``. The keyword names of ``prepare_librispeech``
+``ID,duration,wav,spk_id,wrd``. Transcripts are normalised here, and only
+here, to LibriSpeech's convention (see ``normalize_transcript``). The keyword names of ``prepare_librispeech``
 follow SpeechBrain's LibriSpeech recipes, so their yaml files work unchanged.
 
 Example
@@ -25,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import unicodedata
 
 import soundfile
 
@@ -35,6 +37,9 @@ CSV_HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
 OPTIONS_FILE = "librispeech_prepare.json"
 # Below this many files, a process pool costs more than it saves.
 PARALLEL_MIN_FILES = 2000
+# LibriSpeech's transcripts are words of these characters: the alphabet of the character tokenizers
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'"
+APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 
 
 class DataPreparationError(ValueError):
@@ -102,6 +107,7 @@ def prepare_librispeech(
         "merge_lst": merge_lst,
         "merge_name": merge_csv,
         "bad_data": bad_data,
+        "transcripts": "normalized",  # manifests of earlier versions are rebuilt
     }
     csv_names = [f"{split}.csv" for split in splits]
     if merge_csv:
@@ -243,6 +249,20 @@ def _raise_or_collect(problem, bad_data, problems):
     problems.append(problem)
 
 
+def normalize_transcript(text):
+    """A transcript in LibriSpeech's convention: upper case, single spaces, accents
+    removed (``é`` -> ``E``) and typographic apostrophes (``’ ‘ ʼ```) written ``'``.
+
+    Other characters (digits, punctuation, other scripts) are kept: a character
+    tokenizer cannot fit them in the output layer, and the recipes then stop at
+    start-up naming them and a transcript that has them. Write them out in
+    ALPHABET (``42`` -> ``FORTY TWO``).
+    """
+    text = unicodedata.normalize("NFKD", text.translate(APOSTROPHES))
+    text = "".join(char for char in text if not unicodedata.combining(char))
+    return " ".join(text.upper().split())
+
+
 def _read_transcripts(trans_file):
     """Return ``(ID, wav, spk_id, wrd)`` for each line of a chapter transcript,
     or a DataPreparationError for a line without words or audio."""
@@ -254,7 +274,7 @@ def _read_transcripts(trans_file):
             if not line.strip():
                 continue
             utt_id, _, words = line.strip().partition(" ")
-            words = words.strip()
+            words = normalize_transcript(words)
             wav = os.path.join(chapter_folder, f"{utt_id}.flac")
             if not words:
                 utterances.append(DataPreparationError(

@@ -34,6 +34,7 @@ from modules.recipe import (
     evaluate_test_sets,
     load_datasets,
     loader_options,
+    lock_output_folder,
     prepare_manifests,
     train_tokenizer,
 )
@@ -174,6 +175,7 @@ if __name__ == "__main__":
     sb.utils.distributed.ddp_init_group(run_opts)
 
     hparams = load_hparams(hparams_file, overrides, REQUIRED_HPARAMS)
+    lock_output_folder(hparams["output_folder"])  # one run per output folder
 
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],

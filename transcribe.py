@@ -11,8 +11,9 @@ for CTC models, from the CTC beam search's frame alignment (one frame per featur
 subsampling: 40 ms in the recipes).
 
 Audio is read with soundfile, mixed down to mono and resampled to the model's sample rate. A file that
-cannot be transcribed (missing, unreadable, not audio, empty) gets one error line on stderr and the
-others go on; the exit status is 1 if any file failed.
+cannot be transcribed (missing, unreadable, not audio, shorter than 40 ms, with NaN or infinite samples,
+or one the model fails on) gets one error line on stderr and the others go on; a summary line counts the
+failures. The exit status is 1 if any file failed, 2 if the model could not be loaded.
 
 Recordings longer than ``--chunk_seconds`` (30 s) are transcribed by CTC models piece by piece between
 pauses (``--min_pause_seconds``) and window by window within a piece (modules/long_form.py: windows of
@@ -32,10 +33,11 @@ from speechbrain.dataio import audio_io
 from speechbrain.inference.ASR import EncoderASR
 from tqdm import tqdm
 
-from modules.inference import load_asr
+from modules.inference import InferenceFolderError, load_asr
 from modules.long_form import frame_samples, transcribe_long
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
+MIN_SECONDS = 0.04  # shorter audio holds no word, and the recipes' front-ends cannot encode 10 ms of it
 
 
 class TranscriptionError(Exception):
@@ -94,7 +96,14 @@ def read_audio(asr, path):
         ) from None
     if signal.shape[0] == 0:
         raise TranscriptionError("the audio is empty")
-    return asr.audio_normalizer(signal, rate)
+    if not torch.isfinite(signal).all():
+        raise TranscriptionError("the audio has NaN or infinite samples; export it again from its source")
+    wav = asr.audio_normalizer(signal, rate)
+    if len(wav) < MIN_SECONDS * asr.audio_normalizer.sample_rate:
+        raise TranscriptionError(
+            f"too short ({signal.shape[0] / rate * 1000:.0f} ms): at least {MIN_SECONDS * 1000:.0f} ms of audio is needed"
+        )
+    return wav
 
 
 def word_times(hypothesis, seconds_per_frame, duration):
@@ -108,6 +117,11 @@ def word_times(hypothesis, seconds_per_frame, duration):
         }
         for word, (start, end) in hypothesis.text_frames
     ]
+
+
+def model_failure(error):
+    """The error line of a file that the model failed on."""
+    return f"the model failed on it ({type(error).__name__}: {error})"
 
 
 class Transcriber:
@@ -134,10 +148,21 @@ class Transcriber:
                         short[i] = (path, wav)
                 except TranscriptionError as error:
                     outcomes[i] = (path, None, str(error))
+                except Exception as error:  # noqa: BLE001 (reported per file, the other files go on)
+                    outcomes[i] = (path, None, model_failure(error))
             if short:
-                for i, result in zip(short, self.transcribe_batch(list(short.values()))):
-                    outcomes[i] = (result["path"], result, None)
+                outcomes.update(zip(short, self.transcribe_each_if_failing(list(short.values()))))
             yield from (outcomes[i] for i in sorted(outcomes))
+
+    def transcribe_each_if_failing(self, batch):
+        """(path, result, error) for each (path, wav) of the batch; if the batch fails, each file is
+        transcribed alone, so that a file the model fails on costs only its own transcript."""
+        try:
+            return [(result["path"], result, None) for result in self.transcribe_batch(batch)]
+        except Exception as error:  # noqa: BLE001 (reported per file, the other files go on)
+            if len(batch) == 1:
+                return [(batch[0][0], None, model_failure(error))]
+            return [outcome for item in batch for outcome in self.transcribe_each_if_failing([item])]
 
     def transcribe_batch(self, batch):
         """[(path, wav)] -> [result], through the interface's transcribe_batch on the padded batch."""
@@ -172,7 +197,7 @@ def main(argv=None):
     paths = find_audio(args.inputs, args.list)
     try:
         asr = load_asr(args.model, device=args.device)
-    except FileNotFoundError as error:
+    except InferenceFolderError as error:
         print(f"transcribe.py: error: {error}", file=sys.stderr)
         return 2
 

@@ -5,15 +5,18 @@ job killed while saving leaves a folder that the next run takes for a valid chec
 checkpoint is written into ``unfinished-CKPT+...`` and renamed to ``CKPT+...`` (atomic) once
 complete; a save that fails removes its folder, keeps the previous checkpoints and says why. A
 file that cannot be loaded (truncated, garbage, another model's) is named in the error, and
-recovery falls back to the previous checkpoint with a warning. Every torch file is loaded with
-``weights_only=True`` (SpeechBrain's hooks call ``torch.load`` without the argument; its default
-is ``True`` since torch 2.6, and ``tests/test_checkpoints.py`` checks it). The checkpoints also
+recovery falls back to the previous checkpoint with a warning; the checkpoint that failed is renamed
+``corrupt-CKPT+...``, out of the set of kept checkpoints. Every torch file is loaded with
+``weights_only=True``, also through SpeechBrain's hooks, which call ``torch.load`` without the
+argument (:func:`weights_only_loading`): torch's default would otherwise decide, and
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` turns it off. The checkpoints also
 hold the random generators' states, so that a resumed run draws the same dropout and
 augmentation as an uninterrupted one.
 """
 
 import contextlib
 import errno
+import functools
 import logging
 import random
 import shutil
@@ -36,6 +39,10 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process
 logger = logging.getLogger(__name__)
 
 UNFINISHED_PREFIX = "unfinished-"
+CORRUPT_PREFIX = "corrupt-"
+# torch's zip writer fails on a full disk without an errno ("[enforce fail at inline_container.cc:672] .
+# unexpected pos ..."): a save is taken to have filled the disk if less than this is free when it fails
+DISK_FULL_BYTES = 1 << 20
 
 
 class CheckpointLoadError(RuntimeError):
@@ -61,8 +68,9 @@ class SafeCheckpointer(Checkpointer):
             unfinished = super().save_checkpoint(meta, end_of_epoch, name, verbosity=logging.DEBUG)
             ddp_barrier()  # every process has written its files
         except Exception as error:
+            save_error = self._save_error(error)  # before the clean-up frees the space the save filled
             self._remove_unfinished()
-            raise self._save_error(error) from error
+            raise save_error from error
         if unfinished is None:  # not the main process
             return None
         path = unfinished.path.with_name(unfinished.path.name[len(UNFINISHED_PREFIX):])
@@ -81,14 +89,18 @@ class SafeCheckpointer(Checkpointer):
         if not candidates:
             logger.info("Would load a checkpoint here, but none found yet.")
             return None
+        unloadable = []
         for checkpoint, fallback in zip(candidates, candidates[1:] + [None]):
             try:
                 self.load_checkpoint(checkpoint)
-                return checkpoint
             except CheckpointLoadError as error:
                 if fallback is None:
                     raise
                 logger.warning(f"{error}\nFalling back to the previous checkpoint {fallback.path}.")
+                unloadable.append(checkpoint)
+                continue
+            self._set_aside(unloadable)
+            return checkpoint
 
     def load_checkpoint(self, checkpoint):
         """Loads a checkpoint; a file that fails raises :class:`CheckpointLoadError` naming it.
@@ -107,9 +119,29 @@ class SafeCheckpointer(Checkpointer):
             sorted(own_order.items(), key=lambda item: isinstance(item[1], SaveableDataLoader))
         )
         try:
-            super().load_checkpoint(checkpoint)
+            with weights_only_loading():
+                super().load_checkpoint(checkpoint)
         finally:
             self.custom_load_hooks, self.recoverables = own_hooks, own_order
+
+    def _set_aside(self, checkpoints):
+        """Renames checkpoints that failed to load while an older one loaded to ``corrupt-CKPT+...``.
+
+        Left in place, they would count among the ``num_to_keep`` kept checkpoints, pushing out a valid
+        one, and be averaged at test. They are renamed, not deleted, so that they can be inspected.
+        """
+        if not checkpoints:
+            return
+        ddp_barrier()  # every process has loaded the fallback
+        if not if_main_process():
+            return
+        for checkpoint in checkpoints:
+            aside = checkpoint.path.with_name(CORRUPT_PREFIX + checkpoint.path.name)
+            checkpoint.path.rename(aside)
+            logger.warning(
+                f"Moved the checkpoint that failed to load to {aside}: it no longer counts among the kept "
+                "checkpoints. Delete it once inspected."
+            )
 
     def _remove_unfinished(self):
         """Removes the folders of saves that did not finish (this run's or a killed run's)."""
@@ -130,7 +162,7 @@ class SafeCheckpointer(Checkpointer):
         """The error to raise for a failed save: what failed, whether the disk is full, what is kept."""
         where = getattr(error, "filename", None) or self.checkpoints_dir
         disk_full = getattr(error, "errno", None) == errno.ENOSPC
-        disk_full = disk_full or shutil.disk_usage(self.checkpoints_dir).free == 0
+        disk_full = disk_full or shutil.disk_usage(self.checkpoints_dir).free < DISK_FULL_BYTES
         previous = self.find_checkpoint()
         kept = f"previous checkpoint kept: {previous.path}" if previous else "no previous checkpoint"
         if disk_full:
@@ -148,7 +180,7 @@ def average_checkpoints(checkpoints, recoverable_name):
         for checkpoint in checkpoints:
             path = checkpoint.paramfiles[recoverable_name]
             try:
-                with _errors_naming(path):
+                with errors_naming(path):
                     state_dict = torch.load(path, map_location="cpu", weights_only=True)
             except CheckpointLoadError as error:
                 logger.warning(f"{error}\nLeft out of the checkpoint average.")
@@ -165,17 +197,44 @@ def _naming_the_file(hook):
     """The load hook with its errors turned into :class:`CheckpointLoadError` naming the file."""
 
     def load(obj, path, end_of_epoch):
-        with _errors_naming(path):
+        with errors_naming(path):
             hook(obj, path, end_of_epoch)
 
     return load
 
 
 @contextlib.contextmanager
-def _errors_naming(path):
+def weights_only_loading():
+    """Makes every ``torch.load`` in the block load with ``weights_only=True``, and raise
+    :class:`CheckpointLoadError` naming the file if it fails.
+
+    SpeechBrain's checkpoint hooks and its ``Pretrainer`` call ``torch.load`` without ``weights_only``,
+    so a pickled payload in a checkpoint or an inference folder would run wherever torch's default is
+    off (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``). ``torch.load`` is swapped for the block: loading is
+    single-threaded here.
+    """
+    load = torch.load
+
+    @functools.wraps(load)
+    def load_weights_only(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with errors_naming(f):
+            return load(f, *args, **kwargs)
+
+    torch.load = load_weights_only
+    try:
+        yield
+    finally:
+        torch.load = load
+
+
+@contextlib.contextmanager
+def errors_naming(path):
     """Turns an error while loading ``path`` into :class:`CheckpointLoadError` naming the file and the likely cause."""
     try:
         yield
+    except CheckpointLoadError:
+        raise  # names its file already
     except Exception as error:
         raise CheckpointLoadError(
             f"Cannot load the checkpoint file {path}: {type(error).__name__}: {error}\n"

@@ -8,6 +8,7 @@ drops it from its batch. A batch left with no utterance stops the run all the sa
 process would hang the others under DDP.
 """
 
+import csv
 import logging
 import os
 
@@ -18,6 +19,7 @@ from speechbrain.dataio.dataio import read_audio, read_audio_info
 logger = logging.getLogger(__name__)
 
 BAD_DATA_POLICIES = ("fail", "skip")
+MANIFEST_COLUMNS = ("ID", "duration", "wav", "wrd")  # the columns of a manifest that the recipes read
 FIX = "Fix or remove it (and re-run data preparation), or set bad_data: skip to leave such utterances out."
 
 
@@ -29,6 +31,12 @@ def check_policy(bad_data):
     """Raises unless ``bad_data`` is one of BAD_DATA_POLICIES."""
     if bad_data not in BAD_DATA_POLICIES:
         raise ValueError(f"bad_data must be one of {', '.join(BAD_DATA_POLICIES)}, not {bad_data!r}")
+
+
+def read_csv(path):
+    """The rows of a csv file, as dicts."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def row_problem(row, max_duration):
@@ -46,34 +54,83 @@ def row_problem(row, max_duration):
 
 
 def load_manifest(path, data_folder, bad_data, max_duration):
-    """DynamicItemDataset of the usable rows of the csv manifest ``path``.
+    """DynamicItemDataset of the usable rows of the csv manifest ``path``, with ``manifest_size`` the
+    number of its rows.
 
-    With ``bad_data: fail`` any unusable row raises BadDataError naming the manifest and the files;
-    with ``skip`` each is logged and left out, and the count is logged.
+    With ``bad_data: fail`` any unusable row (see :func:`read_manifest` and :func:`row_problem`) raises
+    BadDataError naming the manifest, the rows and the files; with ``skip`` each is logged and left out,
+    and the count is logged.
     """
     check_policy(bad_data)
-    data = sb.dataio.dataio.load_data_csv(path, replacements={"data_root": data_folder})
-    problems = {utt_id: row_problem(row, max_duration) for utt_id, row in data.items()}
-    problems = {utt_id: problem for utt_id, problem in problems.items() if problem}
+    data, problems = read_manifest(path, data_folder)
+    total = len(data) + len(problems)
+    problems.update({utt_id: row_problem(row, max_duration) for utt_id, row in data.items()})
+    problems = {where: problem for where, problem in problems.items() if problem}
     if problems and bad_data == "fail":
-        listed = "; ".join(f"{utt_id}: {problem}" for utt_id, problem in list(problems.items())[:10])
+        listed = "; ".join(f"{where}: {problem}" for where, problem in list(problems.items())[:10])
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise BadDataError(f"{len(problems)} unusable utterances in {path}: {listed}{more}. {FIX}")
-    for utt_id, problem in problems.items():
-        logger.warning(f"Skipping {utt_id} of {path}: {problem}")
+    for where, problem in problems.items():
+        logger.warning(f"Skipping {where} of {path}: {problem}")
     if problems:
-        logger.warning(f"Skipped {len(problems)} of {len(data)} utterances of {path} (bad_data: skip)")
-    return sb.dataio.dataset.DynamicItemDataset({k: v for k, v in data.items() if k not in problems})
+        logger.warning(f"Skipped {len(problems)} of {total} utterances of {path} (bad_data: skip)")
+    dataset = sb.dataio.dataset.DynamicItemDataset({k: v for k, v in data.items() if k not in problems})
+    dataset.manifest_size = total  # the utterances of the manifest, usable or not
+    return dataset
+
+
+def read_manifest(path, data_folder=None):
+    """The rows of a csv manifest by utterance ID (``$data_root`` replaced by ``data_folder`` if given,
+    durations as numbers), and {where: problem} for the rows that cannot be read: cut short or too long, a
+    duration that is not a number, an ID already used on an earlier line (that row is kept).
+
+    SpeechBrain's ``load_data_csv`` raises a bare KeyError, IndexError or "Duplicate id" for these,
+    naming neither the file nor the line. A manifest without a column that the recipes read raises
+    BadDataError naming it.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, skipinitialspace=True)
+        header = next(reader, [])
+        missing = [column for column in MANIFEST_COLUMNS if column not in header]
+        if missing:
+            raise BadDataError(
+                f"{path} has no column {', '.join(missing)} (its header: {','.join(header)}); the recipes read "
+                f"{', '.join(MANIFEST_COLUMNS)}. Restore the header, or prepare the manifests again."
+            )
+        rows, first_line, problems = {}, {}, {}
+        for fields in reader:
+            line = reader.line_num
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                problems[f"line {line}"] = f"has {len(fields)} fields where the header has {len(header)}"
+                continue
+            row = dict(zip(header, fields))
+            if data_folder is not None:
+                row = {column: value.replace("$data_root", str(data_folder)) for column, value in row.items()}
+            utt_id = row.pop("ID")
+            where = f"{utt_id} (line {line})"
+            if utt_id in rows:
+                problems[where] = f"has the utterance ID of line {first_line[utt_id]}; IDs must be unique"
+                continue
+            try:
+                row["duration"] = float(row["duration"])
+            except ValueError:
+                problems[where] = f"has the duration {row['duration']!r}, not a number of seconds"
+                continue
+            rows[utt_id], first_line[utt_id] = row, line
+    return rows, problems
 
 
 def read_checked_audio(wav, sample_rate, bad_data):
-    """The waveform of ``wav``; if it is missing, does not decode or is not at ``sample_rate`` Hz, raises
-    BadDataError naming the file (``bad_data: fail``) or logs it and returns None (``skip``: see
-    collate_readable)."""
+    """The waveform of ``wav`` (samples,), multi-channel audio mixed down to mono as transcribe.py does;
+    if it is missing, does not decode or is not at ``sample_rate`` Hz, raises BadDataError naming the file
+    (``bad_data: fail``) or logs it and returns None (``skip``: see collate_readable)."""
     try:
         rate = read_audio_info(wav).sample_rate
         if rate == sample_rate:
-            return read_audio(wav)
+            audio = read_audio(wav)  # (samples, channels) if there are several
+            return audio.mean(dim=1) if audio.dim() == 2 else audio
         problem = f"audio file {wav} is sampled at {rate} Hz, not {sample_rate} Hz"
     except RuntimeError as error:
         problem = f"audio file {wav} " + ("is missing" if not os.path.isfile(wav) else f"cannot be decoded ({error})")

@@ -9,9 +9,22 @@ import difflib
 import re
 
 import yaml
-from hyperpyyaml import load_hyperpyyaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
 
 UNKNOWN_OVERRIDE = re.compile(r"Override '(.+?)' not found in")  # HyperPyYAML's message
+# Whole-number hyperparameters and their least value, checked where a yaml has them: several are read
+# only at test time (test_beam_size, avg_checkpoints), where a wrong value would cost the whole training.
+WHOLE_NUMBERS = {
+    "number_of_epochs": 1,
+    "avg_checkpoints": 1,
+    "test_beam_size": 1,
+    "valid_beam_size": 1,
+    "batch_size": 1,
+    "test_batch_size": 1,
+    "grad_accumulation_factor": 1,
+    "num_workers": 0,
+    "nonfinite_patience": 0,
+}
 
 
 class HparamsError(ValueError):
@@ -23,7 +36,8 @@ def load_hparams(hparams_file, overrides, required_keys):
 
     Raises :class:`HparamsError`, before building any object of the yaml, for keys of
     ``required_keys`` that the yaml lacks and for an override that is not a key of the yaml
-    (naming the closest key).
+    (naming the closest key), and for a value of WHOLE_NUMBERS that is not a whole number or is
+    below its least value.
     """
     with open(hparams_file, encoding="utf-8") as fin:
         keys = [key.value for key, _ in yaml.compose(fin).value]  # nothing built yet
@@ -35,7 +49,7 @@ def load_hparams(hparams_file, overrides, required_keys):
         )
     with open(hparams_file, encoding="utf-8") as fin:
         try:
-            return load_hyperpyyaml(fin, overrides)
+            resolved = resolve_references(fin, overrides, overrides_must_match=True)  # text only, nothing built
         except KeyError as error:
             unknown = UNKNOWN_OVERRIDE.match(str(error.args[0])) if error.args else None
             if unknown is None:
@@ -47,3 +61,20 @@ def load_hparams(hparams_file, overrides, required_keys):
                 f"--{key} is not a hyperparameter of {hparams_file}{hint} "
                 "(a command-line override can only change a key the yaml defines)"
             ) from None
+    check_whole_numbers(yaml.compose(resolved), hparams_file)
+    with open(hparams_file, encoding="utf-8") as fin:
+        return load_hyperpyyaml(fin, overrides)
+
+
+def check_whole_numbers(document, hparams_file):
+    """Raises :class:`HparamsError` naming the first key of WHOLE_NUMBERS whose value in the yaml
+    document (a node tree: nothing built) is not a whole number or is below its least value."""
+    for key, node in document.value:
+        least = WHOLE_NUMBERS.get(key.value)
+        if least is None:
+            continue
+        if node.tag != "tag:yaml.org,2002:int" or int(node.value) < least:
+            raise HparamsError(
+                f"{key.value} must be a whole number of at least {least}, not {node.value}: "
+                f"fix it in {hparams_file} or in the command line's --{key.value}"
+            )

@@ -8,10 +8,16 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
 * ``model.ckpt``: the average of the best checkpoints that the test decoded with;
 * ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``,
   and ``unit_encoder/``, a copy of the CTC model's inference folder when the speech units are a layer
-  of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`).
+  of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`);
+* ``modules/``, a copy of this package, whose classes ``hyperparams.yaml`` builds, and ``custom.py``,
+  which names the interface class ``ASR`` for SpeechBrain's ``foreign_class``: the folder loads from any
+  working directory, without this repository (the code shipped in the folder, SpeechBrain's way).
 
 The folder loads offline with the class its yaml names (:func:`load_asr`): SpeechBrain's ``EncoderASR``
-(CTC), ``EncoderDecoderASR`` (joint CTC/attention) or :class:`MadeonASR` (decoder-only over speech units).
+(CTC), ``EncoderDecoderASR`` (joint CTC/attention) or :class:`MadeonASR` (decoder-only over speech units);
+or, from anywhere, ``foreign_class(source=folder, savedir=folder, pymodule_file="custom.py", classname="ASR")``.
+A folder is code (its ``hyperparams.yaml`` builds objects, ``modules/`` is imported): load only folders you
+trust.
 """
 
 import importlib
@@ -25,11 +31,14 @@ import ruamel.yaml
 import torch
 from speechbrain.inference.interfaces import Pretrained
 
+from modules.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
 from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
 
 logger = logging.getLogger(__name__)
 UNIT_ENCODER = "unit_encoder"  # where a decoder-only folder keeps the CTC model its units come from
-TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hparams", "inference")
+PACKAGE = os.path.dirname(os.path.abspath(__file__))  # modules/, copied into each inference folder
+TEMPLATES = os.path.join(os.path.dirname(PACKAGE), "hparams", "inference")
+CODE_FILE = "custom.py"  # SpeechBrain's default pymodule_file
 
 
 def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None):
@@ -61,10 +70,31 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
         hparams["normalize"]._save(os.path.join(folder, "normalizer.ckpt"))
     if kmeans_file is not None:
         shutil.copyfile(kmeans_file, os.path.join(folder, "kmeans.ckpt"))
+    ship_code(folder, re.search(r"^interface: (\S+)$", template, flags=re.MULTILINE).group(1))
     if hparams.get("lm_file"):
         logger.warning(f"{folder} decodes without the language model of lm_file: it is not exported")
     logger.info(f"Inference folder written: {folder}")
     return folder
+
+
+def ship_code(folder, interface):
+    """Copies this package's Python files to ``<folder>/modules/`` and writes ``<folder>/custom.py``,
+    which imports the interface class as ``ASR``: SpeechBrain's ``foreign_class`` puts the folder on
+    ``sys.path`` and loads it, so that the yaml's ``modules.*`` classes are found anywhere."""
+    shutil.copytree(
+        PACKAGE, os.path.join(folder, "modules"), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        dirs_exist_ok=True,
+    )
+    module_name, class_name = interface.rsplit(".", 1)
+    with open(os.path.join(folder, CODE_FILE), "w", encoding="utf-8") as f:
+        f.write(
+            '"""The interface of this inference folder, for SpeechBrain\'s foreign_class (modules/ holds the code\n'
+            'that hyperparams.yaml builds the model from):\n\n'
+            "    from speechbrain.inference.interfaces import foreign_class\n"
+            '    asr = foreign_class(source=folder, savedir=folder, pymodule_file="custom.py", classname="ASR")\n'
+            '"""\n\n'
+            f"from {module_name} import {class_name} as ASR  # noqa: F401\n"
+        )
 
 
 def inference_yaml(training_yaml, template):
@@ -86,24 +116,42 @@ def inference_yaml(training_yaml, template):
     return header + model_keys.getvalue() + "\n" + template
 
 
+class InferenceFolderError(RuntimeError):
+    """An inference folder that cannot be loaded; the message names the folder or the file."""
+
+
 def load_asr(folder, device="cpu"):
     """The interface of an inference folder (the class its yaml's ``interface`` names), on ``device``.
 
     Files are used in place (``savedir`` is the folder itself): nothing is copied, linked or downloaded.
     A bundled unit encoder is used from the folder's own copy, wherever the folder has been moved.
+    Torch files load with ``weights_only=True`` whatever torch's default, and ``model.ckpt`` strictly.
+    The folder's ``hyperparams.yaml`` builds objects, i.e. runs code: load only folders you trust.
+    Raises :class:`InferenceFolderError` naming the file that fails.
     """
     hparams_file = os.path.join(folder, "hyperparams.yaml")
     if not os.path.isfile(hparams_file):
-        raise FileNotFoundError(
+        raise InferenceFolderError(
             f"{folder} is not an inference folder (no hyperparams.yaml): give <output_folder>/inference "
             "of a finished training run"
         )
-    with open(hparams_file, encoding="utf-8") as f:
-        interface = ruamel.yaml.YAML().load(f)["interface"]
-    module_name, class_name = interface.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        with open(hparams_file, encoding="utf-8") as f:
+            interface = ruamel.yaml.YAML().load(f)["interface"]
+        module_name, class_name = interface.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except Exception as error:
+        raise InferenceFolderError(f"Cannot read the interface class of {hparams_file}: {error}") from error
     folder = os.path.abspath(folder)
-    asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+    try:
+        with weights_only_loading():
+            asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+    except CheckpointLoadError as error:
+        raise InferenceFolderError(str(error)) from error
+    except Exception as error:
+        raise InferenceFolderError(
+            f"Cannot load the inference folder {folder}: {type(error).__name__}: {error}"
+        ) from error
     if os.path.isdir(os.path.join(folder, UNIT_ENCODER)):
         asr.mods.unit_features.source = os.path.join(folder, UNIT_ENCODER)
     return asr
@@ -112,6 +160,13 @@ def load_asr(folder, device="cpu"):
 def complete(partial, **kwargs):
     """Calls a yaml ``!name:`` object with its remaining arguments (e.g. a test searcher with its scorer)."""
     return partial(**kwargs)
+
+
+def load_model_strictly(model, path):
+    """Pretrainer hook: the model's parameters, every key present (SpeechBrain's own hook loads
+    non-strictly, so a model.ckpt missing keys would load and fail later, or not at all)."""
+    with errors_naming(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
 
 
 def load_kmeans(kmeans, path):

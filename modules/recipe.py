@@ -4,8 +4,11 @@ Each ``train_*.py`` keeps SpeechBrain's recipe shape (a ``Brain`` subclass, ``da
 ``__main__``); the pieces that would otherwise be copied between them live here.
 """
 
+import datetime
+import fcntl
 import logging
 import os
+import socket
 
 import speechbrain as sb
 import torch
@@ -13,11 +16,48 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from librispeech_prepare import prepare_librispeech
+from librispeech_prepare import ALPHABET, prepare_librispeech
 from modules.checkpointing import average_checkpoints
-from modules.data_checks import collate_readable, load_manifest, read_checked_audio
+from modules.data_checks import BadDataError, collate_readable, load_manifest, read_checked_audio, read_manifest
+from modules.text_tokenizer import train_sentencepiece
 
 logger = logging.getLogger(__name__)
+LOCK_FILE = "run.lock"
+_held_locks = []  # lock files of the output folders this process writes to, open until it ends
+
+
+class OutputFolderInUse(RuntimeError):
+    """Another run is writing to the output folder."""
+
+
+def lock_output_folder(output_folder):
+    """Makes this run the only one writing to ``output_folder`` until its process ends.
+
+    Two runs sharing an output folder crash in data preparation, resume from each other's state or
+    both report WERs of mixed states. The lock is an ``flock`` of ``<output_folder>/run.lock``, which
+    the kernel releases when the process ends, even killed with SIGKILL: the lock file a killed run
+    leaves is stale and does not block the next run. Main process only (a DDP run's processes share
+    the folder).
+    """
+    if not if_main_process():
+        return
+    os.makedirs(output_folder, exist_ok=True)
+    lock = open(os.path.join(output_folder, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a run starting"
+        lock.close()
+        raise OutputFolderInUse(
+            f"The output folder {output_folder} is in use by another run ({holder}). Wait until it ends, "
+            "or give this run another --output_folder."
+        ) from None
+    lock.truncate(0)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+    lock.flush()
+    _held_locks.append(lock)
 
 
 class RecipeBrain(sb.Brain):
@@ -130,21 +170,66 @@ def prepare_manifests(hparams):
 
 
 def train_tokenizer(hparams):
-    """SentencePiece model trained on the training transcripts (type, size and ids from the yaml).
+    """SentencePiece model of the training transcripts (type, size and ids from the yaml), checked to
+    fit the output layer (:func:`check_tokenizer_fits`).
 
-    Id 0 is <unk>, the CTC blank and the padding. The folder is made here because SentencePiece's
-    own check-then-create races between DDP processes.
+    Every character of ALPHABET is in the vocabulary, seen in the transcripts or not, so that a
+    character tokenizer has the same tokens on any LibriSpeech-style corpus: output_neurons (31) with
+    <unk>, <s>, </s> and the word boundary. Id 0 is <unk>, the CTC blank and the padding.
     """
-    os.makedirs(hparams["tokenizer_folder"], exist_ok=True)
-    return SentencePiece(
-        model_dir=hparams["tokenizer_folder"],
-        vocab_size=hparams["output_neurons"],
-        annotation_train=hparams["train_csv"],
-        annotation_read="wrd",
-        model_type=hparams["token_type"],
-        character_coverage=hparams["character_coverage"],
-        bos_id=hparams["bos_index"],
-        eos_id=hparams["eos_index"],
+    run_on_main(
+        train_sentencepiece,
+        kwargs={
+            "lines": (row["wrd"] for row in read_manifest(hparams["train_csv"])[0].values()),
+            "model_dir": hparams["tokenizer_folder"],
+            "vocab_size": hparams["output_neurons"],
+            "model_type": hparams["token_type"],
+            "character_coverage": hparams["character_coverage"],
+            "required_chars": ALPHABET,
+            "max_sentencepiece_length": 10,
+            "unk_id": 0,
+            "bos_id": hparams["bos_index"],
+            "eos_id": hparams["eos_index"],
+            "pad_id": -1,
+        },
+    )
+    tokenizer = SentencePiece(
+        model_dir=hparams["tokenizer_folder"], vocab_size=hparams["output_neurons"], model_type=hparams["token_type"]
+    )
+    check_tokenizer_fits(tokenizer.sp, hparams["output_neurons"], hparams["train_csv"])
+    return tokenizer
+
+
+def check_tokenizer_fits(sp, output_neurons, train_csv):
+    """Raises BadDataError unless the tokenizer has exactly ``output_neurons`` tokens.
+
+    More tokens would be labels outside the output layer, which torch's CTC loss takes without an
+    error; fewer would be outputs that no label trains. The usual cause is a transcript character
+    outside ALPHABET, which grows a character tokenizer: the error names such characters and a
+    transcript that has them.
+    """
+    size = sp.vocab_size()
+    if size == output_neurons:
+        return
+    fix = f"or set output_neurons: {size} and train in a new output_folder"
+    outside = {}  # character -> the first utterance that has it
+    for utt_id, row in read_manifest(train_csv)[0].items():
+        for char in set(row["wrd"]) - set(ALPHABET + " "):
+            outside.setdefault(char, (utt_id, row["wrd"]))
+    if size < output_neurons or not outside:
+        raise BadDataError(
+            f"The tokenizer trained on {train_csv} has {size} tokens, but output_neurons is {output_neurons}: "
+            f"check token_type, {fix}."
+        )
+    chars = sorted(outside)
+    utt_id, transcript = outside[chars[0]]
+    raise BadDataError(
+        f"The transcripts of {train_csv} have characters outside LibriSpeech's alphabet (A-Z and '): "
+        f"{', '.join(repr(char) for char in chars)}, e.g. utterance {utt_id}: {transcript!r}. "
+        f"The tokenizer then has {size} tokens, more than output_neurons ({output_neurons}), and they would be "
+        "labels outside the output layer. Write them out in the alphabet (e.g. 42 -> FORTY TWO) in the "
+        f"transcripts and prepare the manifests again (librispeech_prepare.py normalises case, accents and "
+        f"apostrophes), {fix}."
     )
 
 
@@ -172,7 +257,11 @@ def load_datasets(hparams, train_csv, valid_csv, test_csvs):
     elif hparams["sorting"] != "random":
         raise ValueError(f"sorting must be random, ascending or descending, not {hparams['sorting']!r}")
     valid_data = load(valid_csv).filtered_sorted(sort_key="duration")
-    test_datasets = {name: load(path).filtered_sorted(sort_key="duration") for name, path in test_csvs.items()}
+    test_datasets = {}
+    for name, path in test_csvs.items():
+        test_data = load(path)
+        test_datasets[name] = test_data.filtered_sorted(sort_key="duration")
+        test_datasets[name].manifest_size = test_data.manifest_size  # see evaluate_test_sets
     return train_data, valid_data, test_datasets
 
 
@@ -218,10 +307,13 @@ def loader_options(hparams, train_data, valid_data, length_func=lambda row: row[
 
 def evaluate_test_sets(brain, hparams, test_datasets, **best_key):
     """Tests each set with the averaged best checkpoints (``best_key``: ``min_key=`` or ``max_key=``),
-    writes ``wer_<set>.txt`` to the output folder and prints the WER."""
+    writes ``wer_<set>.txt`` to the output folder and prints the WER, saying how many utterances of
+    the set's manifest it leaves out (``bad_data: skip``): a WER over fewer utterances is another figure."""
     for name, test_set in test_datasets.items():
         brain.test_wer_file = os.path.join(hparams["output_folder"], f"wer_{name}.txt")
         loader_kwargs = dict(hparams["test_dataloader_opts"], collate_fn=collate_readable)
         brain.evaluate(test_set, test_loader_kwargs=loader_kwargs, **best_key)
+        left_out = test_set.manifest_size - len(brain.wer_metric.scores)
+        note = f" ({left_out} of {test_set.manifest_size} utterances left out: bad_data: skip)" if left_out else ""
         if if_main_process():
-            print(f"Test WER on {name}: {brain.test_stats['WER']:.2f} %")
+            print(f"Test WER on {name}: {brain.test_stats['WER']:.2f} %{note}")

@@ -32,7 +32,8 @@ from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.lobes.features import Fbank
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 
-from modules.data_checks import read_checked_audio
+from modules.data_checks import read_checked_audio, read_csv
+from modules.text_tokenizer import train_sentencepiece
 
 logger = logging.getLogger(__name__)
 
@@ -217,11 +218,6 @@ class KMeans(nn.Module):
         self.counts = torch.zeros(self.num_clusters, dtype=frames.dtype)
 
 
-def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def file_hash(path):
     with open(path, "rb") as f:
         return hashlib.sha1(f.read()).hexdigest()
@@ -398,23 +394,22 @@ def train_joint_sentencepiece(
     Each training line is ``<startofspeech>units<generatetext> text`` with the (lower-cased) text
     ``text_repeats`` times. Ids: ``<unk>`` = 0, the end token ``</s>`` = 1, then the four special
     symbols (``<generatetext>`` = 3, ``<startofspeech>`` = 4). No dummy prefix, so a line encodes
-    directly as ``[<startofspeech>, units.., <generatetext>, ▁words..]``. Trained once per folder.
+    directly as ``[<startofspeech>, units.., <generatetext>, ▁words..]``. Trained again only when the text or
+    the options change (modules/text_tokenizer.py).
     """
-    os.makedirs(model_dir, exist_ok=True)
-    text_file = os.path.join(model_dir, "sentencepiece_text.txt")
-    if not os.path.isfile(text_file):
-        with open(text_file, "w", encoding="utf-8") as f:
-            for row in read_csv(units_csv):
-                f.write(sequence_text(row["units"], row["wrd"].lower(), text_repeats) + "\n")
-    return SentencePiece(
-        model_dir=model_dir,
-        vocab_size=vocab_size,
-        model_type="unigram",
+    train_sentencepiece(
+        (sequence_text(row["units"], row["wrd"].lower(), text_repeats) for row in read_csv(units_csv)),
+        model_dir,
+        vocab_size,
+        "unigram",
+        text_name="sentencepiece_text.txt",
         character_coverage=1.0,
-        user_defined_symbols=",".join(SPECIAL_SYMBOLS),
+        user_defined_symbols=SPECIAL_SYMBOLS,
         max_sentencepiece_length=max_piece_length,
         unk_id=unk_index,
+        bos_id=-1,
         eos_id=eos_index,
-        text_file=text_file,
+        pad_id=-1,
         add_dummy_prefix=False,
     )
+    return SentencePiece(model_dir=model_dir, vocab_size=vocab_size, model_type="unigram")

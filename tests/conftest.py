@@ -13,14 +13,25 @@ pytest.register_assert_rewrite("recipe_runs")
 import reliability_report  # noqa: E402  (tests/ is on sys.path once pytest imports this conftest)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        reliability_report.WRITE_OPTION,
+        action="store_true",
+        help="write the reliability rows into the tracked RELIABILITY.md (else into results/RELIABILITY.md)",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "reliability: fault-injection test that records a row of RELIABILITY.md")
 
 
 def pytest_sessionfinish(session):
-    """Writes the rows the reliability tests recorded into RELIABILITY.md (see tests/reliability_report.py):
-    a run of all of them that passes rewrites the table, any other run updates its own rows."""
+    """Writes the rows the reliability tests recorded (see tests/reliability_report.py): into the tracked
+    RELIABILITY.md with --write-reliability, else into the ignored results/RELIABILITY.md. A run of all of them
+    that passes rewrites the table, any other run updates its own rows."""
     option, tests = session.config.option, os.path.dirname(os.path.abspath(__file__))
     whole_suite = all(os.path.abspath(arg) in (tests, os.path.dirname(tests)) for arg in session.config.args)
     complete = option.markexpr == "reliability" and not option.keyword and whole_suite and not session.testsfailed
-    reliability_report.write_report(replace=complete)
+    tracked = session.config.getoption(reliability_report.WRITE_OPTION)
+    path = reliability_report.REPORT_PATH if tracked else reliability_report.SCRATCH_REPORT_PATH
+    reliability_report.write_report(path, replace=complete)

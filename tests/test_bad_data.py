@@ -203,3 +203,135 @@ def test_speech_units_leave_out_undecodable_audio_with_skip(corpus, caplog):
         f"unit manifest keeps {len(units)} of {len(rows)} utterances; warnings name "
         f"{relative(truncated, data_folder)} and log 'Left 1 unreadable utterances of train.csv out of ...'",
     )
+
+
+def test_characters_outside_the_alphabet_stop_training_at_start_up(corpus):
+    """Digits and an accent in a hand-edited transcript would grow the character tokenizer past the
+    output layer (31), and torch's CTC loss takes labels outside it without an error."""
+    _, output = corpus
+    rows = read_manifest(output / "train.csv")
+    rows[2]["wrd"] = "ROOM 101 CAFÉ"
+    write_manifest(output / "train.csv", rows)
+
+    _, text = run_recipe(output, returncode=1)
+
+    message = text.strip().splitlines()[-1]
+    assert "characters outside LibriSpeech's alphabet (A-Z and '): '0', '1', 'É'" in message
+    assert f"e.g. utterance {rows[2]['ID']}: 'ROOM 101 CAFÉ'" in message
+    assert "The tokenizer then has 34 tokens, more than output_neurons (31)" in message
+    assert not checkpoints(output)
+    record(
+        "characters outside A-Z and the apostrophe ('ROOM 101 CAFÉ') in a train.csv transcript (CTC, characters)",
+        f"stops at start-up, before training: {message[:420]} ...",
+    )
+
+
+def make_stereo(wav):
+    """Rewrites a FLAC as two channels: the original and its half."""
+    signal, rate = soundfile.read(wav)
+    soundfile.write(wav, np.stack([signal, 0.5 * signal], axis=1), rate)
+
+
+def test_stereo_audio_is_mixed_down_in_training_validation_and_test(corpus):
+    data_folder, output = corpus
+    stereo = [read_manifest(output / f"{split}.csv")[0]["wav"] for split in ("train", "dev", "test")]
+    for wav in stereo:
+        make_stereo(wav)
+
+    run_recipe(output)  # stopped with "IndexError: All tensors must have same number of dimensions"
+
+    assert os.path.isfile(output / "wer_test.txt")
+    assert stereo[2].split("/")[-1][: -len(".flac")] in (output / "wer_test.txt").read_text()
+    record(
+        "a stereo FLAC in each of train, dev and test (bad_data: fail)",
+        "mixed down to mono when read (as transcribe.py does): training, validation and test completed (exit 0) "
+        f"and {relative(stereo[2], data_folder)} is scored in wer_test.txt",
+    )
+
+
+def edit_manifest_by_hand(output):
+    """Cuts the third train.csv row short (its last two fields) and gives the fifth row the ID of the first
+    (as the same ID in two chapters would). Returns (the cut row's line, the duplicate's ID and line)."""
+    path = output / "train.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[3] = ",".join(lines[3].split(",")[:3])  # line 4 of the file: header, then rows
+    first_id = lines[1].split(",")[0]
+    lines[5] = ",".join([first_id] + lines[5].split(",")[1:])
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 4, first_id, 6
+
+
+def test_hand_edited_manifest_rows_stop_training_naming_file_and_lines(corpus):
+    _, output = corpus
+    cut_line, duplicate_id, duplicate_line = edit_manifest_by_hand(output)
+
+    _, text = run_recipe(output, returncode=1)  # a bare IndexError or "Duplicate id" before
+
+    message = text.strip().splitlines()[-1]
+    assert f"BadDataError: 2 unusable utterances in {output / 'train.csv'}: " in message
+    assert f"line {cut_line}: has 3 fields where the header has 5" in message
+    assert f"{duplicate_id} (line {duplicate_line}): has the utterance ID of line 2; IDs must be unique" in message
+    assert not checkpoints(output)
+    record(
+        "train.csv edited by hand: a row cut short and an utterance ID used twice (bad_data: fail)",
+        f"stops before training: {message.split(': ', 1)[1][:400]}",
+    )
+
+
+def test_hand_edited_manifest_rows_are_left_out_with_skip(corpus):
+    _, output = corpus
+    cut_line, duplicate_id, duplicate_line = edit_manifest_by_hand(output)
+    n_rows = len(read_manifest(output / "train.csv"))
+
+    log, _ = run_recipe(output, "--bad_data=skip")
+
+    assert f"Skipping line {cut_line} of {output / 'train.csv'}: has 3 fields where the header has 5" in log
+    assert f"Skipping {duplicate_id} (line {duplicate_line}) of {output / 'train.csv'}" in log
+    assert f"Skipped 2 of {n_rows} utterances of {output / 'train.csv'}" in log
+    assert os.path.isfile(output / "wer_test.txt")
+    record(
+        "train.csv edited by hand: a row cut short and an utterance ID used twice (bad_data: skip)",
+        f"both rows left out, each logged with its line ('Skipping line {cut_line} of train.csv: has 3 fields where "
+        f"the header has 5', 'Skipping {duplicate_id} (line {duplicate_line}) of train.csv: has the utterance ID of "
+        f"line 2'); 'Skipped 2 of {n_rows} utterances'; training and test completed",
+    )
+
+
+def test_a_manifest_without_a_column_stops_naming_file_and_column(corpus):
+    _, output = corpus
+    rows = read_manifest(output / "test.csv")
+    for row in rows:
+        del row["duration"]
+    write_manifest(output / "test.csv", rows)
+
+    _, text = run_recipe(output, "--bad_data=skip", returncode=1)  # a bare KeyError: 'duration' before
+
+    message = text.strip().splitlines()[-1]
+    assert f"BadDataError: {output / 'test.csv'} has no column duration (its header: ID,wav,spk_id,wrd)" in message
+    record(
+        "test.csv without its duration column (bad_data: skip)",
+        f"stops before training: {message.split(': ', 1)[1]}",
+    )
+
+
+def test_the_test_result_line_says_how_many_utterances_were_left_out(corpus):
+    """bad_data: skip on a test set dropped utterances without the result line saying so."""
+    _, output = corpus
+    rows = read_manifest(output / "test.csv")
+    os.remove(rows[0]["wav"])  # left out when the manifest is loaded
+    rows[1]["wrd"] = ""
+    write_manifest(output / "test.csv", rows)
+    truncated = rows[2]["wav"]  # left out when its audio is read
+    with open(truncated, "rb") as f:
+        head = f.read(os.path.getsize(truncated) // 2)
+    with open(truncated, "wb") as f:
+        f.write(head)
+
+    _, text = run_recipe(output, "--bad_data=skip")
+
+    result = re.search(r"Test WER on test: .*", text).group(0)
+    assert result.endswith(f"% (3 of {len(rows)} utterances left out: bad_data: skip)"), result
+    record(
+        f"bad_data: skip on a test set of {len(rows)} utterances: a missing file, an empty transcript, a truncated FLAC",
+        f"the result line says so: '{re.sub(r'[0-9.]+ %', '<WER> %', result)}'",
+    )

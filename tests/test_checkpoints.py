@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -122,7 +123,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, caplog, corruption)
     with caplog.at_level(logging.WARNING):
         loaded = checkpointer(tmp_path, fresh).recover_if_possible()
     assert loaded.meta["value"] == 1.0 and loaded_value(fresh) == 1.0
-    warning = caplog.records[-1].getMessage()
+    warning = next(r.getMessage() for r in caplog.records if "Falling back" in r.getMessage())
     assert f"Cannot load the checkpoint file {bad_file}" in warning
     assert "Falling back to the previous checkpoint" in warning
     record(f"{corruption} model.ckpt in the latest checkpoint", f"warning: {warning.splitlines()[0][:160]} ...; "
@@ -172,7 +173,12 @@ class OpensAFile:
         return (open, (self.path, "w"))
 
 
-def test_checkpoint_loading_runs_no_pickled_code(tmp_path):
+@pytest.mark.parametrize("torch_default", ["weights only", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
+def test_checkpoint_loading_runs_no_pickled_code(tmp_path, monkeypatch, torch_default):
+    """SpeechBrain's hooks call torch.load without weights_only: the environment variable turned torch's
+    default off and the payload ran on resume."""
+    if torch_default != "weights only":
+        monkeypatch.setenv(*torch_default.split("="))
     layer = torch.nn.Linear(3, 4)
     saved = save(checkpointer(tmp_path, layer), layer, 1.0)
     marker = tmp_path / "code_ran"
@@ -180,6 +186,12 @@ def test_checkpoint_loading_runs_no_pickled_code(tmp_path):
     with pytest.raises(CheckpointLoadError, match="Weights only load failed"):
         checkpointer(tmp_path, torch.nn.Linear(3, 4)).recover_if_possible()
     assert not marker.exists()
+    if torch_default != "weights only":
+        record(
+            "pickle payload in model.ckpt, resumed with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1",
+            "not run: every torch.load of a checkpoint passes weights_only=True (also SpeechBrain's hooks'); "
+            "CheckpointLoadError 'Weights only load failed' names the file",
+        )
 
 
 def test_random_state_is_restored(tmp_path):
@@ -204,3 +216,72 @@ def test_every_recipe_yaml_uses_the_safe_checkpointer():
     tags = {path: yaml_top_level(path)["checkpointer"][0] for path in yamls}
     assert len(tags) > 3 * 3
     assert set(tags.values()) == {"!new:modules.checkpointing.SafeCheckpointer"}, tags
+
+
+def test_a_corrupt_checkpoint_leaves_the_kept_set_after_the_fallback(tmp_path, caplog):
+    """Training keeps the 2 latest checkpoints; the latest is truncated; the run resumes from the previous
+    one and saves again: the 2 kept must be the valid ones, and the test average must use both."""
+    layer = torch.nn.Linear(3, 4)
+    ckpt = checkpointer(tmp_path, layer)
+    first, second = save(ckpt, layer, 1.0), save(ckpt, layer, 2.0)
+    truncated = (second.path / "model.ckpt").read_bytes()[:100]
+    (second.path / "model.ckpt").write_bytes(truncated)
+
+    resumed = torch.nn.Linear(3, 4)
+    ckpt = checkpointer(tmp_path, resumed)
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.recover_if_possible().path == first.path
+    with torch.no_grad():
+        resumed.weight.fill_(3.0)
+        resumed.bias.fill_(3.0)
+    ckpt.save_and_keep_only(meta={"value": 3.0}, num_to_keep=2)
+
+    kept = sorted(c.meta["value"] for c in ckpt.list_checkpoints())
+    assert kept == [1.0, 3.0]
+    aside = tmp_path / f"corrupt-{second.path.name}"
+    assert (aside / "model.ckpt").read_bytes() == truncated  # renamed, not deleted
+    assert f"Moved the checkpoint that failed to load to {aside}" in caplog.text
+    averaged = average_checkpoints(ckpt.find_checkpoints(max_num_checkpoints=2), "model")
+    assert {v.unique().item() for v in averaged.values()} == {2.0}
+    record(
+        "latest of 2 kept checkpoints truncated, training resumed and saved again (num_to_keep 2)",
+        f"recovery falls back to the previous checkpoint and renames the bad one to corrupt-CKPT+<time>; kept "
+        f"after the next save: the checkpoints of values {kept} (both valid), and the test average uses 2 of 2",
+    )
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 512 KiB tmpfs mounted at tmp_path/small (needs root, as in CI); skips where it cannot be mounted."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # torch may still hold the failed file open
+
+
+def test_a_real_full_disk_is_reported_as_disk_full(small_filesystem):
+    """torch raises '[enforce fail at inline_container.cc:672]' without an errno when the disk fills up."""
+    layer = torch.nn.Linear(100, 100)  # a 40 KB checkpoint
+    ckpt = checkpointer(small_filesystem, layer)
+    previous = save(ckpt, layer, 1.0)
+    ckpt.add_recoverable("big", torch.nn.Linear(400, 400))  # 640 KB more: does not fit
+
+    with pytest.raises(OSError) as error:
+        ckpt.save_and_keep_only(meta={"value": 2.0})
+
+    message = str(error.value)
+    assert error.value.errno == errno.ENOSPC, message
+    assert "inline_container.cc" in repr(error.value.__cause__)
+    assert message == f"[Errno 28] Disk full while writing a checkpoint to {small_filesystem}; previous checkpoint kept: {previous.path}"
+    assert sorted(p.name for p in small_filesystem.iterdir()) == [previous.path.name]
+    fresh = torch.nn.Linear(100, 100)
+    checkpointer(small_filesystem, fresh).recover_if_possible()
+    assert loaded_value(fresh) == 1.0
+    record(
+        "a real full disk (512 KiB tmpfs) while writing a checkpoint",
+        f"torch raises {error.value.__cause__!r:.80} without an errno; training stops with: {message}; the previous "
+        "checkpoint loads, no partial checkpoint folder is left",
+    )

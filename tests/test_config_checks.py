@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from modules.hparams import WHOLE_NUMBERS
 from recipe_runs import ROOT, run_script, yaml_top_level
 from reliability_report import record
 
@@ -99,3 +100,28 @@ def test_yaml_missing_a_required_key_fails_before_any_work(tmp_path, script):
     assert f"{broken} lacks the key(s) test_csv, which this recipe reads" in message
     assert not output.exists()
     record(f"yaml without the key test_csv ({script})", f"stops at start-up: {message}")
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("override", ["--test_beam_size=abc", "--avg_checkpoints=abc", "--number_of_epochs=-1"])
+def test_a_bad_whole_number_fails_before_any_work(tmp_path, override):
+    """test_beam_size and avg_checkpoints are read only at test time: a whole epoch trained, then the test
+    crashed; number_of_epochs -1 ended with 'No state dicts to average'."""
+    key, value = override[2:].split("=")
+    output = tmp_path / "out"
+    proc = run_script("train_CTC.py", "hparams/CTC/demo_conmamba.yaml", output, override, returncode=1, cwd=tmp_path)
+    message = proc.stderr.strip().splitlines()[-1]
+    assert f"{key} must be a whole number of at least 1, not {value}: fix it in " in message
+    assert message.endswith(f"or in the command line's --{key}")
+    assert not output.exists()
+    record(f"command-line override {override} (train_CTC.py)", f"stops at start-up: {message}")
+
+
+def test_every_shipped_yaml_has_fitting_whole_numbers():
+    for recipe in ("CTC", "S2S", "decoder_only"):
+        folder = os.path.join(ROOT, "hparams", recipe)
+        for name in sorted(os.listdir(folder)):
+            top_level = yaml_top_level(os.path.join(folder, name))
+            for key, least in WHOLE_NUMBERS.items():
+                if key in top_level:
+                    assert int(top_level[key][1]) >= least, (name, key)

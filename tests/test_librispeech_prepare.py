@@ -299,3 +299,12 @@ def test_skip_leaves_out_each_unusable_utterance_naming_it(data_folder, tmp_path
         "each naming its file (" + ", ".join(os.path.relpath(name, data_folder) for name in named[:4])
         + ") or transcript line, and a summary 'left out 5 utterances'",
     )
+
+
+def test_transcripts_are_normalised_to_librispeech_convention(tmp_path):
+    """Case, accents and typographic apostrophes are normalised; other characters are kept (the recipes then
+    stop at start-up naming them: tests/test_tokenizer.py)."""
+    data_folder = tmp_path / "LibriSpeech"
+    write_split(data_folder, "train", {"19-198-0000": (16000, "Héllo  Wörld’s ‘naïve’ ROOM 101")})
+    prepare_librispeech(data_folder, tmp_path / "save", tr_splits=["train"])
+    assert read_csv(tmp_path / "save" / "train.csv")[1][4] == "HELLO WORLD'S 'NAIVE' ROOM 101"

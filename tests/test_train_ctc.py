@@ -32,3 +32,9 @@ def test_tiny_training_run(tmp_path):
     assert wer_file.is_file()
     assert "%WER" in wer_file.read_text(encoding="utf-8")
     assert re.search(r"Test WER on test: [0-9.]+ %", proc.stdout), proc.stdout[-2000:]
+
+    # A normal run is quiet: no SentencePiece trainer dump, no size mismatch between the tokenizer
+    # and the output layer, no warning about the optional torchvision
+    printed = proc.stdout + proc.stderr
+    for noise in ("trainer_interface", "vocab size", "Vocab size mismatch", "torchvision"):
+        assert noise not in printed, printed[-3000:]

@@ -8,6 +8,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # our Triton kernels then run on CPU tensors, through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
+
 pytest.register_assert_rewrite("recipe_runs")
 
 import reliability_report  # noqa: E402  (tests/ is on sys.path once pytest imports this conftest)

@@ -1,18 +1,14 @@
 """Our Triton scan against the float64 specification: outputs, every gradient, lengths, directions, states.
 
-On a CPU-only machine the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before the
-kernels are imported); on a GPU they run compiled, at the same tiny shapes plus the real ones of
-``test_real_shapes_on_the_gpu``.
+On a CPU-only machine the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which
+tests/conftest.py sets before anything imports Triton); on a GPU they run compiled, at the same
+tiny shapes plus the real ones of ``test_real_shapes_on_the_gpu``.
 """
-
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("triton")  # PyTorch's Linux wheels bring it; elsewhere the kernels cannot run
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, i.e. when first launched
 
 from modules.mamba.scan import directional_scan, directional_scan_ref, pick_backend  # noqa: E402
 

@@ -84,8 +84,10 @@ class RecipeBrain(sb.Brain):
         GradScaler, which skips such steps itself.
         """
         params = [p for p in self.modules.parameters() if p.grad is not None]
-        faults = sum(torch.isfinite(p.grad).logical_not().any().int() for p in params) + int(self.nonfinite_loss)
-        faults = torch.as_tensor(faults, device=self.device)
+        # one fused norm over all gradients (NaN and inf propagate), not a few launches per parameter
+        norms = torch._foreach_norm([p.grad for p in params]) if params else []
+        faults = torch.stack([n.float() for n in norms]).isfinite().logical_not().sum() if norms else 0
+        faults = torch.as_tensor(faults + int(self.nonfinite_loss), device=self.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(faults)  # the processes must all step, or all skip
         if not faults:

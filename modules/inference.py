@@ -11,7 +11,9 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
   of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`).
 
 The folder loads offline with the class its yaml names (:func:`load_asr`): SpeechBrain's ``EncoderASR``
-(CTC), ``EncoderDecoderASR`` (joint CTC/attention) or :class:`MadeonASR` (decoder-only over speech units).
+(CTC) and ``EncoderDecoderASR`` (joint CTC/attention), searching each utterance's exact frames
+(:class:`ExactLengthsEncoderASR`, :class:`ExactLengthsEncoderDecoderASR`), or :class:`MadeonASR`
+(decoder-only over speech units).
 """
 
 import importlib
@@ -23,6 +25,7 @@ import shutil
 
 import ruamel.yaml
 import torch
+from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 from speechbrain.inference.interfaces import Pretrained
 
 from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
@@ -161,3 +164,32 @@ class MadeonASR(Pretrained):
 
     def forward(self, wavs, wav_lens):
         return self.transcribe_batch(wavs, wav_lens)
+
+
+class ExactLengthsEncoderASR(EncoderASR):
+    """SpeechBrain's ``EncoderASR`` whose CTC search reads each utterance's exact number of frames.
+
+    SpeechBrain's ``transcribe_batch`` hands the search the waveforms' relative lengths, which round to
+    one frame too few or too many for a short utterance padded next to a long one; the encoder
+    (``modules.front_end.WaveformEncoder``) returns the exact ones, so a batch transcribes each file
+    as it transcribes alone.
+    """
+
+    @torch.no_grad()
+    def transcribe_batch(self, wavs, wav_lens):
+        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, CTC hypotheses)."""
+        log_probs, lengths = self.mods.encoder.encode(wavs.float().to(self.device), wav_lens.to(self.device))
+        hypotheses = self.decoding_function(log_probs, lengths)
+        return [nbest[0].text for nbest in hypotheses], hypotheses
+
+
+class ExactLengthsEncoderDecoderASR(EncoderDecoderASR):
+    """SpeechBrain's ``EncoderDecoderASR`` whose search reads each utterance's exact number of encoder
+    frames (see :class:`ExactLengthsEncoderASR`)."""
+
+    @torch.no_grad()
+    def transcribe_batch(self, wavs, wav_lens):
+        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, token id lists)."""
+        encoder_out, lengths = self.mods.encoder.encode(wavs.float().to(self.device), wav_lens.to(self.device))
+        tokens, _, _, _ = self.mods.decoder(encoder_out, lengths)
+        return [self.tokenizer.decode_ids(t) for t in tokens], tokens

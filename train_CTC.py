@@ -28,6 +28,7 @@ from speechbrain.utils.distributed import run_on_main
 from modules.front_end import encoder_input
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
+from modules.ngram import prepare_ngram_lm
 from modules.recipe import (
     RecipeBrain,
     add_audio_pipelines,
@@ -46,7 +47,7 @@ REQUIRED_HPARAMS = """
     avg_checkpoints bad_data blank_index bos_index cer_computer character_coverage checkpointer
     compute_features ctc_cost data_folder dev_splits dynamic_batch_sampler_train
     dynamic_batch_sampler_valid dynamic_batching eos_index epoch_counter error_rate_computer
-    fea_augment log_softmax max_duration model model_opt_class modules noam_annealing
+    fea_augment log_softmax max_duration model model_opt_class modules ngram_lm_file ngram_order noam_annealing
     num_workers output_folder output_neurons sample_rate select_n_sentences skip_prep sorting
     speed_perturb test_csv test_dataloader_opts test_searcher test_splits token_type
     tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
@@ -186,6 +187,8 @@ if __name__ == "__main__":
 
     prepare_manifests(hparams)
     tokenizer = train_tokenizer(hparams)  # characters in the published CTC configs
+    if hparams["ngram_lm_file"]:  # the word LM of the test beam search
+        run_on_main(prepare_ngram_lm, args=[hparams["train_csv"], hparams["ngram_order"], hparams["ngram_lm_file"]])
     train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 
     asr_brain = ASR(

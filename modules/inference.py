@@ -6,6 +6,7 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
   paradigm's inference keys refer to, with everything they need), then the inference keys of
   ``hparams/inference/<paradigm>.yaml`` (modules, decoding, tokenizer, pretrainer, ``interface``);
 * ``model.ckpt``: the average of the best checkpoints that the test decoded with;
+* ``ngram_lm.arpa``: the word LM of a CTC model's beam search, when it has one;
 * ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``,
   and ``unit_encoder/``, a copy of the CTC model's inference folder when the speech units are a layer
   of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`).
@@ -32,6 +33,7 @@ from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
 
 logger = logging.getLogger(__name__)
 UNIT_ENCODER = "unit_encoder"  # where a decoder-only folder keeps the CTC model its units come from
+NGRAM_LM = "ngram_lm.arpa"  # where a CTC folder keeps the word LM of its beam search
 TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hparams", "inference")
 
 
@@ -54,6 +56,11 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
         bundled = os.path.abspath(os.path.join(folder, UNIT_ENCODER))
         shutil.copytree(unit_features.source, bundled, dirs_exist_ok=True)
         hyperparams_yaml = hyperparams_yaml.replace(f"source: {unit_features.source}\n", f"source: {bundled}\n")
+    ngram_lm = hparams.get("ngram_lm_file")
+    if ngram_lm:  # bundle the word LM of the CTC beam search
+        bundled = os.path.abspath(os.path.join(folder, NGRAM_LM))
+        shutil.copyfile(ngram_lm, bundled)
+        hyperparams_yaml = hyperparams_yaml.replace(f"ngram_lm_file: {ngram_lm}\n", f"ngram_lm_file: {bundled}\n")
     with open(os.path.join(folder, "hyperparams.yaml"), "w", encoding="utf-8") as f:
         f.write(hyperparams_yaml)
 
@@ -106,7 +113,10 @@ def load_asr(folder, device="cpu"):
     module_name, class_name = interface.rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), class_name)
     folder = os.path.abspath(folder)
-    asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+    overrides = {}
+    if os.path.isfile(os.path.join(folder, NGRAM_LM)):  # the folder's own copy, wherever it was moved
+        overrides["ngram_lm_file"] = os.path.join(folder, NGRAM_LM)
+    asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device}, overrides=overrides)
     if os.path.isdir(os.path.join(folder, UNIT_ENCODER)):
         asr.mods.unit_features.source = os.path.join(folder, UNIT_ENCODER)
     return asr

@@ -56,11 +56,12 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
         bundled = os.path.abspath(os.path.join(folder, UNIT_ENCODER))
         shutil.copytree(unit_features.source, bundled, dirs_exist_ok=True)
         hyperparams_yaml = hyperparams_yaml.replace(f"source: {unit_features.source}\n", f"source: {bundled}\n")
-    ngram_lm = hparams.get("ngram_lm_file")
+    ngram_lm, bundled = hparams.get("ngram_lm_file"), os.path.abspath(os.path.join(folder, NGRAM_LM))
     if ngram_lm:  # bundle the word LM of the CTC beam search
-        bundled = os.path.abspath(os.path.join(folder, NGRAM_LM))
         shutil.copyfile(ngram_lm, bundled)
         hyperparams_yaml = hyperparams_yaml.replace(f"ngram_lm_file: {ngram_lm}\n", f"ngram_lm_file: {bundled}\n")
+    elif os.path.exists(bundled):  # an earlier export's: this model decodes without it
+        os.remove(bundled)
     with open(os.path.join(folder, "hyperparams.yaml"), "w", encoding="utf-8") as f:
         f.write(hyperparams_yaml)
 

@@ -25,8 +25,10 @@ import torch
 import speechbrain as sb
 from speechbrain.utils.distributed import run_on_main
 
+from modules.front_end import encoder_input
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
+from modules.ngram import prepare_ngram_lm
 from modules.recipe import (
     RecipeBrain,
     add_audio_pipelines,
@@ -46,7 +48,7 @@ REQUIRED_HPARAMS = """
     avg_checkpoints bad_data blank_index bos_index cer_computer character_coverage checkpointer
     compute_features ctc_cost data_folder dev_splits dynamic_batch_sampler_train
     dynamic_batch_sampler_valid dynamic_batching eos_index epoch_counter error_rate_computer
-    fea_augment log_softmax max_duration model model_opt_class modules noam_annealing
+    fea_augment log_softmax max_duration model model_opt_class modules ngram_lm_file ngram_order noam_annealing
     num_workers output_folder output_neurons sample_rate select_n_sentences skip_prep sorting
     speed_perturb test_csv test_dataloader_opts test_searcher test_splits token_type
     tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
@@ -62,22 +64,24 @@ class ASR(RecipeBrain):
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
 
-        feats = self.hparams.compute_features(wavs)
-        feats = self.modules.normalize(
-            feats, wav_lens, epoch=self.hparams.epoch_counter.current
+        # Exact per-utterance frame counts: an utterance's output does not depend on its batch
+        src, src_lens = encoder_input(
+            self.hparams.compute_features,
+            self.modules.normalize,
+            self.modules.CNN,
+            wavs,
+            wav_lens,
+            augment=self.hparams.fea_augment if stage == sb.Stage.TRAIN else None,
+            epoch=self.hparams.epoch_counter.current,
         )
-        if stage == sb.Stage.TRAIN:
-            feats, wav_lens = self.hparams.fea_augment(feats, wav_lens)
-
-        src = self.modules.CNN(feats)
-        enc_out = self.modules.speech_encoder(src, wav_lens)
+        enc_out = self.modules.speech_encoder(src, src_lens)
         logits = self.modules.ctc_lin(enc_out)
         p_ctc = self.hparams.log_softmax(logits)
-        return p_ctc, wav_lens
+        return p_ctc, src_lens
 
     def compute_objectives(self, predictions, batch, stage):
         """CTC loss; at valid/test also decodes and updates WER and CER."""
-        p_ctc, wav_lens = predictions
+        p_ctc, enc_lens = predictions
         tokens, tokens_lens = batch.tokens
 
         if stage == sb.Stage.TRAIN:
@@ -85,16 +89,16 @@ class ASR(RecipeBrain):
             tokens = self.hparams.fea_augment.replicate_labels(tokens)
             tokens_lens = self.hparams.fea_augment.replicate_labels(tokens_lens)
 
-        loss = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
+        loss = self.hparams.ctc_cost(p_ctc, tokens, enc_lens, tokens_lens)
 
         if stage != sb.Stage.TRAIN:
             if stage == sb.Stage.VALID:
                 hyps = sb.decoders.ctc_greedy_decode(
-                    p_ctc, wav_lens, blank_id=self.hparams.blank_index
+                    p_ctc, enc_lens, blank_id=self.hparams.blank_index
                 )
                 texts = [self.tokenizer.sp.decode_ids(h) for h in hyps]
             else:
-                hyps = self.test_searcher(p_ctc, wav_lens)
+                hyps = self.test_searcher(p_ctc, enc_lens)
                 texts = [nbest[0].text for nbest in hyps]
             predicted_words = [text.split() for text in texts]
             target_words = [wrd.split() for wrd in batch.wrd]
@@ -185,6 +189,8 @@ if __name__ == "__main__":
 
     prepare_manifests(hparams)
     tokenizer = train_tokenizer(hparams)  # characters in the published CTC configs
+    if hparams["ngram_lm_file"]:  # the word LM of the test beam search
+        run_on_main(prepare_ngram_lm, args=[hparams["train_csv"], hparams["ngram_order"], hparams["ngram_lm_file"]])
     train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 
     asr_brain = ASR(

@@ -31,6 +31,7 @@ import speechbrain as sb
 from speechbrain.decoders.scorer import ScorerBuilder
 from speechbrain.utils.distributed import run_on_main
 
+from modules.front_end import encoder_input
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.recipe import (
@@ -76,17 +77,21 @@ class ASR(RecipeBrain):
         wavs, wav_lens = batch.sig
         tokens_bos, _ = batch.tokens_bos
 
-        feats = self.hparams.compute_features(wavs)
-        feats = self.modules.normalize(
-            feats, wav_lens, epoch=self.hparams.epoch_counter.current
+        # Exact per-utterance frame counts: an utterance's output does not depend on its batch
+        src, enc_lens = encoder_input(
+            self.hparams.compute_features,
+            self.modules.normalize,
+            self.modules.CNN,
+            wavs,
+            wav_lens,
+            augment=self.hparams.fea_augment if stage == sb.Stage.TRAIN else None,
+            epoch=self.hparams.epoch_counter.current,
         )
         if stage == sb.Stage.TRAIN:
-            feats, wav_lens = self.hparams.fea_augment(feats, wav_lens)
             tokens_bos = self.hparams.fea_augment.replicate_labels(tokens_bos)
 
-        src = self.modules.CNN(feats)
         enc_out, dec_out = self.modules.encoder_decoder(
-            src, wav_lens, tokens_bos
+            src, enc_lens, tokens_bos
         )
         p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(enc_out))
         p_seq = self.hparams.log_softmax(self.modules.seq_lin(dec_out))
@@ -98,12 +103,12 @@ class ASR(RecipeBrain):
                 if stage == sb.Stage.VALID
                 else self.test_search
             )
-            hyps, _, _, _ = searcher(enc_out.detach(), wav_lens)
-        return p_ctc, p_seq, wav_lens, hyps
+            hyps, _, _, _ = searcher(enc_out.detach(), enc_lens)
+        return p_ctc, p_seq, enc_lens, hyps
 
     def compute_objectives(self, predictions, batch, stage):
         """Joint CTC/KL loss; at valid/test also token accuracy and WER."""
-        p_ctc, p_seq, wav_lens, hyps = predictions
+        p_ctc, p_seq, enc_lens, hyps = predictions
         tokens_eos, tokens_eos_lens = batch.tokens_eos
         tokens, tokens_lens = batch.tokens
 
@@ -115,7 +120,7 @@ class ASR(RecipeBrain):
             tokens = replicate(tokens)
             tokens_lens = replicate(tokens_lens)
 
-        loss_ctc = self.hparams.ctc_cost(p_ctc, tokens, wav_lens, tokens_lens)
+        loss_ctc = self.hparams.ctc_cost(p_ctc, tokens, enc_lens, tokens_lens)
         loss_seq = self.hparams.seq_cost(
             p_seq, tokens_eos, length=tokens_eos_lens
         )

@@ -75,14 +75,20 @@ class DecoderOnlyBeamSearcher:
     eos_index : int
     beam_size, max_length : int
         Beam width; most tokens generated (``<eos>`` excluded).
+    min_length : int
+        Fewest tokens generated before ``<eos>`` may end a hypothesis; 1 (ESPnet's ``minlen``, as
+        MADEON decodes) never returns an empty transcript.
     length_penalty : float
         Added to the score for every token; 0 ranks by log-probability alone. When it is <= 0 the
         search stops an utterance as soon as no live hypothesis can beat its best finished one
         (scores only fall), which gives the same result as running to ``max_length``.
     """
 
-    def __init__(self, scorer, bos_index, eos_index, beam_size=10, max_length=100, length_penalty=0.0):
+    def __init__(self, scorer, bos_index, eos_index, beam_size=10, max_length=100, length_penalty=0.0, min_length=1):
+        if not 0 <= min_length <= max_length:
+            raise ValueError(f"min_length ({min_length}) must lie between 0 and max_length ({max_length})")
         self.scorer = scorer
+        self.min_length = min_length
         self.bos_index = bos_index
         self.eos_index = eos_index
         self.beam_size = beam_size
@@ -106,6 +112,8 @@ class DecoderOnlyBeamSearcher:
             log_probs, state = self.scorer.score(tokens, state)
             vocab = log_probs.shape[-1]
             candidates = scores.view(-1, 1) + log_probs + self.length_penalty
+            if step < self.min_length:  # too short to end
+                candidates[:, self.eos_index] = float("-inf")
             if step == self.max_length:  # out of length: every live hypothesis must end here
                 only_eos = torch.full_like(candidates, float("-inf"))
                 only_eos[:, self.eos_index] = candidates[:, self.eos_index]

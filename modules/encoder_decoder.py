@@ -17,8 +17,7 @@ import torch.nn as nn
 from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.lobes.models.transformer.Transformer import get_lookahead_mask
 
-from modules.mamba.mamba import Mamba
-from modules.mamba.mamba2 import Mamba2
+from modules.initialization import xavier_normal_matrices
 
 
 class EncoderDecoderASR(nn.Module):
@@ -39,8 +38,8 @@ class EncoderDecoderASR(nn.Module):
     xavier_init : bool
         Xavier-normal initialisation of every matrix, as SpeechBrain's ``TransformerASR`` (and hence the
         published Conformer and ConMamba recipes) does, except inside Mamba mixers, which keep Mamba's
-        own initialisation (conmamba.md 1.2; ``ConMambaEncoder(xavier_init=True)`` restores the quirk
-        for the encoder).
+        own initialisation (:func:`modules.initialization.xavier_normal_matrices`;
+        ``ConMambaEncoder(xavier_init=True)`` restores the published quirk for the encoder).
 
     Example
     -------
@@ -66,11 +65,7 @@ class EncoderDecoderASR(nn.Module):
         self.tgt_embedding = tgt_embedding
         self.positional_encoding = positional_encoding
         if xavier_init:
-            mixers = [m for m in self.modules() if isinstance(m, (Mamba, Mamba2))]
-            kept = {id(p) for mixer in mixers for p in mixer.parameters()}
-            for parameter in self.parameters():
-                if parameter.dim() > 1 and id(parameter) not in kept:
-                    nn.init.xavier_normal_(parameter)
+            xavier_normal_matrices(self)
 
     def forward(self, src, wav_lens, tokens):
         """Teacher-forced training pass (through ``forward``, so that DDP sees it).

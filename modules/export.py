@@ -1,7 +1,8 @@
 """TorchScript export of a CTC ConMamba model: waveform -> CTC log-probabilities, any audio length.
 
-The exported graph is what ``train_CTC.py`` computes at test: Fbank -> global normalization -> CNN
-front-end -> speech encoder -> CTC head -> log-softmax, for a padded batch with relative lengths. It
+The exported graph is what ``train_CTC.py`` computes at test (``modules.front_end.WaveformEncoder``):
+Fbank -> global normalization -> CNN front-end (exact frame counts) -> speech encoder -> CTC head ->
+log-softmax, for a padded batch with relative lengths. It
 is made with ``torch.jit.trace`` and needs no package beyond PyTorch to run (``torch.jit.load``).
 
 Tracing unrolls Python loops, and the pure-PyTorch selective scan loops over time, so a plain trace
@@ -19,6 +20,7 @@ import contextlib
 
 import torch
 
+from modules.front_end import WaveformEncoder
 from modules.inference import load_asr
 from modules.mamba.mamba import Mamba
 from modules.mamba.mamba2 import Mamba2
@@ -38,27 +40,12 @@ def scripted_scan(model):
             mixer.scan_backend = backend
 
 
-class CTCRecognizer(torch.nn.Module):
-    """Waveforms (batch, samples) and relative lengths (batch,) -> CTC log-probabilities (batch, frames,
-    vocabulary), exactly as ``train_CTC.py`` computes them at test."""
-
-    def __init__(self, compute_features, normalize, CNN, speech_encoder, ctc_lin):
-        super().__init__()
-        self.compute_features, self.normalize, self.CNN = compute_features, normalize, CNN
-        self.speech_encoder, self.ctc_lin = speech_encoder, ctc_lin
-
-    def forward(self, wavs, wav_lens):
-        feats = self.normalize(self.compute_features(wavs), wav_lens)
-        encoded = self.speech_encoder(self.CNN(feats), wav_lens)
-        return self.ctc_lin(encoded).log_softmax(dim=-1)
-
-
 def export_ctc(hparams, example_samples=16000):
     """TorchScript module of the CTC model in ``hparams`` (a mapping with the yaml's keys
     compute_features, normalize, CNN, speech_encoder, ctc_lin), traced on ``example_samples`` of audio
     but taking any batch size and length."""
     keys = ("compute_features", "normalize", "CNN", "speech_encoder", "ctc_lin")
-    model = CTCRecognizer(*(hparams[key] for key in keys))
+    model = WaveformEncoder(*(hparams[key] for key in keys))
     model.eval()
     if any(isinstance(module, Mamba2) for module in model.modules()):
         raise NotImplementedError("export supports Mamba-1 mixers only: the Mamba-2 scan would be traced at one length")

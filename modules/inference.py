@@ -6,6 +6,7 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
   paradigm's inference keys refer to, with everything they need), then the inference keys of
   ``hparams/inference/<paradigm>.yaml`` (modules, decoding, tokenizer, pretrainer, ``interface``);
 * ``model.ckpt``: the average of the best checkpoints that the test decoded with;
+* ``ngram_lm.arpa``: the word LM of a CTC model's beam search, when it has one;
 * ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``,
   and ``unit_encoder/``, a copy of the CTC model's inference folder when the speech units are a layer
   of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`);
@@ -14,10 +15,11 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
   working directory, without this repository (the code shipped in the folder, SpeechBrain's way).
 
 The folder loads offline with the class its yaml names (:func:`load_asr`): SpeechBrain's ``EncoderASR``
-(CTC), ``EncoderDecoderASR`` (joint CTC/attention) or :class:`MadeonASR` (decoder-only over speech units);
-or, from anywhere, ``foreign_class(source=folder, savedir=folder, pymodule_file="custom.py", classname="ASR")``.
-A folder is code (its ``hyperparams.yaml`` builds objects, ``modules/`` is imported): load only folders you
-trust.
+(CTC) and ``EncoderDecoderASR`` (joint CTC/attention), searching each utterance's exact frames
+(:class:`ExactLengthsEncoderASR`, :class:`ExactLengthsEncoderDecoderASR`), or :class:`MadeonASR`
+(decoder-only over speech units); or, from anywhere, ``foreign_class(source=folder, savedir=folder,
+pymodule_file="custom.py", classname="ASR")``. A folder is code (its ``hyperparams.yaml`` builds
+objects, ``modules/`` is imported): load only folders you trust.
 """
 
 import importlib
@@ -29,6 +31,7 @@ import shutil
 
 import ruamel.yaml
 import torch
+from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 from speechbrain.inference.interfaces import Pretrained
 
 from modules.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
@@ -39,6 +42,7 @@ UNIT_ENCODER = "unit_encoder"  # where a decoder-only folder keeps the CTC model
 PACKAGE = os.path.dirname(os.path.abspath(__file__))  # modules/, copied into each inference folder
 TEMPLATES = os.path.join(os.path.dirname(PACKAGE), "hparams", "inference")
 CODE_FILE = "custom.py"  # SpeechBrain's default pymodule_file
+NGRAM_LM = "ngram_lm.arpa"  # where a CTC folder keeps the word LM of its beam search
 
 
 def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None):
@@ -60,6 +64,12 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
         bundled = os.path.abspath(os.path.join(folder, UNIT_ENCODER))
         shutil.copytree(unit_features.source, bundled, dirs_exist_ok=True)
         hyperparams_yaml = hyperparams_yaml.replace(f"source: {unit_features.source}\n", f"source: {bundled}\n")
+    ngram_lm, bundled = hparams.get("ngram_lm_file"), os.path.abspath(os.path.join(folder, NGRAM_LM))
+    if ngram_lm:  # bundle the word LM of the CTC beam search
+        shutil.copyfile(ngram_lm, bundled)
+        hyperparams_yaml = hyperparams_yaml.replace(f"ngram_lm_file: {ngram_lm}\n", f"ngram_lm_file: {bundled}\n")
+    elif os.path.exists(bundled):  # an earlier export's: this model decodes without it
+        os.remove(bundled)
     with open(os.path.join(folder, "hyperparams.yaml"), "w", encoding="utf-8") as f:
         f.write(hyperparams_yaml)
 
@@ -143,9 +153,12 @@ def load_asr(folder, device="cpu"):
     except Exception as error:
         raise InferenceFolderError(f"Cannot read the interface class of {hparams_file}: {error}") from error
     folder = os.path.abspath(folder)
+    overrides = {}
+    if os.path.isfile(os.path.join(folder, NGRAM_LM)):  # the folder's own copy, wherever it was moved
+        overrides["ngram_lm_file"] = os.path.join(folder, NGRAM_LM)
     try:
         with weights_only_loading():
-            asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device})
+            asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device}, overrides=overrides)
     except CheckpointLoadError as error:
         raise InferenceFolderError(str(error)) from error
     except Exception as error:
@@ -216,3 +229,32 @@ class MadeonASR(Pretrained):
 
     def forward(self, wavs, wav_lens):
         return self.transcribe_batch(wavs, wav_lens)
+
+
+class ExactLengthsEncoderASR(EncoderASR):
+    """SpeechBrain's ``EncoderASR`` whose CTC search reads each utterance's exact number of frames.
+
+    SpeechBrain's ``transcribe_batch`` hands the search the waveforms' relative lengths, which round to
+    one frame too few or too many for a short utterance padded next to a long one; the encoder
+    (``modules.front_end.WaveformEncoder``) returns the exact ones, so a batch transcribes each file
+    as it transcribes alone.
+    """
+
+    @torch.no_grad()
+    def transcribe_batch(self, wavs, wav_lens):
+        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, CTC hypotheses)."""
+        log_probs, lengths = self.mods.encoder.encode(wavs.float().to(self.device), wav_lens.to(self.device))
+        hypotheses = self.decoding_function(log_probs, lengths)
+        return [nbest[0].text for nbest in hypotheses], hypotheses
+
+
+class ExactLengthsEncoderDecoderASR(EncoderDecoderASR):
+    """SpeechBrain's ``EncoderDecoderASR`` whose search reads each utterance's exact number of encoder
+    frames (see :class:`ExactLengthsEncoderASR`)."""
+
+    @torch.no_grad()
+    def transcribe_batch(self, wavs, wav_lens):
+        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, token id lists)."""
+        encoder_out, lengths = self.mods.encoder.encode(wavs.float().to(self.device), wav_lens.to(self.device))
+        tokens, _, _, _ = self.mods.decoder(encoder_out, lengths)
+        return [self.tokenizer.decode_ids(t) for t in tokens], tokens

@@ -131,14 +131,53 @@ class PrefixBiMamba2(Mamba2):
         return self._output(y, z[:, 0]).unsqueeze(1)
 
 
+class ProjectionDropout(nn.Module):
+    """MADEON's ``projection_dropout_rate`` (madeon.md 1.3; arXiv 2411.06968 and its released configs), on
+    a (batch, time, channels) tensor. ``kind``:
+
+    * ``"tokens"``: whole token positions (every channel of a frame), Mamba-1 on the in_proj output;
+    * ``"channels"``: whole feature channels for the whole sequence, Mamba-1 on the block output
+      (both are the published ``Dropout1d`` on (batch, channels, time) and its transpose);
+    * ``"elements"``: element-wise, Mamba-2 on both.
+    """
+
+    def __init__(self, p, kind):
+        super().__init__()
+        if kind not in ("tokens", "channels", "elements"):
+            raise ValueError(f"projection dropout kind must be 'tokens', 'channels' or 'elements', not {kind!r}")
+        self.kind = kind
+        self.dropout = nn.Dropout(p) if kind == "elements" else nn.Dropout1d(p)
+
+    def forward(self, x):
+        if not self.training or self.dropout.p == 0:
+            return x
+        if self.kind == "channels":
+            return self.dropout(x.transpose(1, 2)).transpose(1, 2)
+        return self.dropout(x)  # Dropout1d on (batch, time, channels) drops whole time steps
+
+
+# Per mixer, the published dropout of the in_proj output and of the block output
+PROJECTION_DROPOUT = {Mamba: ("tokens", "channels"), Mamba2: ("elements", "elements")}
+
+
 class ResidualBlock(nn.Module):
-    """x + Dropout(Mixer(LayerNorm(x))): a pure mixer block, no MLP (madeon.md 1.3)."""
+    """x + Dropout(Mixer(LayerNorm(x))): a pure mixer block, no MLP (madeon.md 1.3).
+
+    ``dropout`` is the published projection dropout (:class:`ProjectionDropout`): on the mixer's in_proj
+    output (a forward hook, so the mixers stay the plain Mamba ones) and on the block's output, per
+    token / per channel for Mamba-1 mixers, element-wise for Mamba-2 ones.
+    """
 
     def __init__(self, d_model, mixer, dropout=0.0):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.mixer = mixer
-        self.dropout = nn.Dropout(dropout)
+        in_proj_kind, output_kind = next(
+            kinds for cls, kinds in PROJECTION_DROPOUT.items() if isinstance(mixer, cls)
+        )
+        self.in_proj_dropout = ProjectionDropout(dropout, in_proj_kind)
+        self.dropout = ProjectionDropout(dropout, output_kind)
+        mixer.in_proj.register_forward_hook(lambda module, inputs, output: self.in_proj_dropout(output))
 
     def forward(self, x, reverse_index=None, lengths=None, cache=None):
         """x (batch, time, d_model); ``reverse_index`` is read by prefixing mixers only."""
@@ -194,7 +233,8 @@ class MadeonLM(nn.Module):
     generate_text_index : int
         Id of ``<generatetext>``, the end of the speech prefix.
     dropout : float
-        Dropout on each mixer output (the published mixers also drop the in_proj output; not here).
+        The published projection dropout (``projection_dropout_rate``), on each mixer's in_proj output
+        and on each block's output (:class:`ResidualBlock`, :class:`ProjectionDropout`).
     embedding_masking : nn.Module, optional
         Applied to the (batch, time, d_model) embeddings in training only, e.g. SpeechBrain's
         ``SpectrogramDrop`` zeroing 5 spans of 2-4 tokens (madeon.md 1.3).
@@ -306,8 +346,11 @@ def relative_position_bucket(relative_position, num_buckets=32, max_distance=128
 class TransformerDecoderOnly(nn.Module):
     """Transformer decoder-only baseline (madeon.md 1.4), causal or prefix-LM.
 
-    Embedding -> span masking (training) -> pre-LN Transformer layers (SpeechBrain's ``TransformerEncoder``)
-    with a causal mask -> LayerNorm -> untied head. ``prefix_lm`` also lets every position attend to the
+    Embedding -> span masking (training) -> input block (Linear, LayerNorm, dropout, ReLU) -> pre-LN
+    Transformer layers (SpeechBrain's ``TransformerEncoder``) with a causal mask -> LayerNorm -> untied head
+    with a bias. The input block and the head's bias are those of ESPnet's ``TransformerLM`` (its
+    ``input_layer: linear`` encoder), which the published baseline uses: 38.6 M parameters at the
+    paper's size (arXiv 2411.06968, Table 4). ``prefix_lm`` also lets every position attend to the
     whole speech prefix (keys before ``<generatetext>``), the Transformer counterpart of speech
     prefixing. Without positional encoding by default (NoPE, the paper's causal baseline);
     ``relative_buckets`` > 0 adds a T5 relative-position bias shared by all layers (the paper's
@@ -342,10 +385,13 @@ class TransformerDecoderOnly(nn.Module):
         self.embedding_masking = embedding_masking
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.relative_bias = nn.Embedding(relative_buckets, nhead) if relative_buckets else None
+        self.input_layer = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.LayerNorm(d_model), nn.Dropout(dropout), nn.ReLU()
+        )
         self.encoder = TransformerEncoder(
             num_layers=num_layers, nhead=nhead, d_ffn=d_ffn, d_model=d_model, dropout=dropout, normalize_before=True
         )
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head = nn.Linear(d_model, vocab_size)
 
     def attention_mask(self, tokens, lengths=None):
         """Additive mask (batch * heads, time, time): 0 where a query may attend to a key, -inf elsewhere,
@@ -369,5 +415,6 @@ class TransformerDecoderOnly(nn.Module):
         x = self.embedding(tokens)
         if self.training and self.embedding_masking is not None:
             x = self.embedding_masking(x)
+        x = self.input_layer(x)
         x, _ = self.encoder(x, src_mask=self.attention_mask(tokens, lengths).to(x.dtype))
         return self.head(x)

@@ -12,6 +12,7 @@ import socket
 
 import speechbrain as sb
 import torch
+from speechbrain.dataio.dataio import merge_csvs
 from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
@@ -153,7 +154,11 @@ class RecipeBrain(sb.Brain):
 
 
 def prepare_manifests(hparams):
-    """One csv per split of ``data_folder`` (training splits merged into train.csv), on the main process."""
+    """One csv per split of ``data_folder`` (training splits merged into train.csv), on the main process.
+
+    A ``valid_csv`` that is none of the dev splits' csvs (e.g. ``dev.csv`` next to ``dev-clean.csv`` and
+    ``dev-other.csv``) is written as all the dev splits merged: MADEON validates on both (arXiv 2411.06968).
+    """
     run_on_main(
         prepare_librispeech,
         kwargs={
@@ -169,6 +174,10 @@ def prepare_manifests(hparams):
             "bad_data": hparams["bad_data"],
         },
     )
+    folder, valid_name = os.path.split(hparams["valid_csv"])
+    split_names = [f"{split}.csv" for split in hparams["dev_splits"]]
+    if valid_name not in split_names:
+        run_on_main(merge_csvs, kwargs={"data_folder": folder, "csv_lst": split_names, "merged_csv": valid_name})
 
 
 def train_tokenizer(hparams):
@@ -242,7 +251,9 @@ def csv_name(path):
 
 def load_datasets(hparams, train_csv, valid_csv, test_csvs):
     """Train, valid and {name: test} datasets of the usable manifest rows (``hparams["bad_data"]``);
-    training order from ``hparams["sorting"]``.
+    training order from ``hparams["sorting"]``. With ``hparams["max_train_duration"]`` (seconds, optional)
+    longer training and validation utterances are left out, as the published MADEON setup does; test
+    sets are kept whole.
 
     Evaluation sets are sorted by duration, which makes batches with little padding.
     """
@@ -250,7 +261,16 @@ def load_datasets(hparams, train_csv, valid_csv, test_csvs):
     def load(path):
         return load_manifest(path, hparams["data_folder"], hparams["bad_data"], hparams["max_duration"])
 
-    train_data = load(train_csv)
+    train_data, valid_data = load(train_csv), load(valid_csv)
+    max_train_duration = hparams.get("max_train_duration")
+    if max_train_duration is not None:
+        kept = {"key_max_value": {"duration": max_train_duration}}
+        sizes = len(train_data), len(valid_data)
+        train_data, valid_data = train_data.filtered_sorted(**kept), valid_data.filtered_sorted(**kept)
+        logger.info(
+            f"max_train_duration {max_train_duration} s left out {sizes[0] - len(train_data)} training and "
+            f"{sizes[1] - len(valid_data)} validation utterances"
+        )
     if hparams["sorting"] in ("ascending", "descending"):
         train_data = train_data.filtered_sorted(
             sort_key="duration", reverse=hparams["sorting"] == "descending"
@@ -258,7 +278,7 @@ def load_datasets(hparams, train_csv, valid_csv, test_csvs):
         hparams["train_dataloader_opts"]["shuffle"] = False
     elif hparams["sorting"] != "random":
         raise ValueError(f"sorting must be random, ascending or descending, not {hparams['sorting']!r}")
-    valid_data = load(valid_csv).filtered_sorted(sort_key="duration")
+    valid_data = valid_data.filtered_sorted(sort_key="duration")
     test_datasets = {}
     for name, path in test_csvs.items():
         test_data = load(path)

@@ -11,6 +11,8 @@ Authors
 
 import torch
 
+from modules.initialization import xavier_normal_matrices
+
 
 class SpeechEncoder(torch.nn.Module):
     """Input projection + optional positional embedding + encoder stack.
@@ -31,6 +33,11 @@ class SpeechEncoder(torch.nn.Module):
         encoders that need no positional information (ConMamba).
     dropout : float
         Dropout applied after the input projection.
+    xavier_init : bool
+        Re-initialises the input projection and the encoder xavier-normal, Mamba mixers excepted
+        (:func:`modules.initialization.xavier_normal_matrices`), as the published CTC models are.
+        The encoder-decoder recipes leave it off: ``EncoderDecoderASR`` applies the rule to the
+        whole model.
 
     Example
     -------
@@ -47,7 +54,7 @@ class SpeechEncoder(torch.nn.Module):
     """
 
     def __init__(
-        self, input_size, d_model, encoder, positional_encoding=None, dropout=0.1
+        self, input_size, d_model, encoder, positional_encoding=None, dropout=0.1, xavier_init=False
     ):
         super().__init__()
         self.input_projection = torch.nn.Sequential(
@@ -55,6 +62,8 @@ class SpeechEncoder(torch.nn.Module):
         )
         self.positional_encoding = positional_encoding
         self.encoder = encoder
+        if xavier_init:
+            xavier_normal_matrices(self)
 
     def forward(self, x, wav_lens):
         """Encodes a padded batch.

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from modules.export import CTCRecognizer, export_ctc
+from modules.export import export_ctc
+from modules.front_end import WaveformEncoder
 from modules.mamba.selective_scan import scan_loop, selective_scan_ref
 from recipe_runs import ROOT
 from test_streaming import load_tiny
@@ -28,7 +29,7 @@ def test_scripted_scan_matches_the_reference():
 def test_exported_model_matches_eager_for_untraced_lengths_and_batches(yaml_name, tmp_path):
     hparams = load_tiny(os.path.join(ROOT, "hparams", "CTC", yaml_name), tmp_path)
     hparams["normalize"](hparams["compute_features"](torch.randn(2, 16000)), torch.ones(2), epoch=0)
-    eager = CTCRecognizer(*(hparams[key] for key in KEYS)).eval()
+    eager = WaveformEncoder(*(hparams[key] for key in KEYS)).eval()
 
     export_ctc(hparams, example_samples=16000).save(str(tmp_path / "model.pt"))
     exported = torch.jit.load(str(tmp_path / "model.pt"))

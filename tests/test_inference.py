@@ -146,3 +146,18 @@ def test_ctc_folder_loaded_on_a_device_moves_the_feature_statistics_there(ctc_ru
     normalize = asr.mods.encoder.normalize
     assert normalize.glob_mean.device.type == "meta" and normalize.glob_std.device.type == "meta"
     assert next(asr.mods.encoder.parameters()).device.type == "meta"
+
+
+def test_ctc_folder_decodes_with_its_own_copy_of_the_word_lm_offline(ctc_run, tmp_path, monkeypatch):
+    # The demo yaml's beam search fuses a word 3-gram estimated from the training transcripts; the folder
+    # carries a copy, which load_asr uses wherever the folder is, with no network (HF_HUB_OFFLINE).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = shutil.copytree(ctc_run / "inference", tmp_path / "moved")
+    asr = load_asr(str(folder))
+    searcher = asr.decoding_function
+    assert searcher.kenlm_model is not None
+    assert searcher.kenlm_model_path == os.path.join(str(folder), "ngram_lm.arpa")
+    with open(ctc_run / "train.csv", newline="", encoding="utf-8") as f:
+        training_words = {word for row in csv.DictReader(f) for word in row["wrd"].split()}
+    assert searcher.lm._unigram_set - {"<s>"} == training_words  # the LM's vocabulary: the training transcripts'
+    assert_same_as_recipe(transcripts(asr, ctc_run / "train.csv"), ctc_run / "wer_train.txt")

@@ -127,3 +127,87 @@ def test_cached_beam_search_finds_the_hypotheses_of_full_reruns(family):
     assert cached_hyps == full_hyps
     assert any(len(hyp) > 0 for hyp in cached_hyps)
     torch.testing.assert_close(cached_scores, full_scores)
+
+
+# ---- The published projection dropout (arXiv 2411.06968, released configs: projection_dropout_rate) ----
+
+
+def dropped_in_training(family, p=0.5):
+    """A tiny model of ``family`` with dropout p in training mode, run once; returns the first block's
+    in_proj output after its dropout and the block's output minus its input (the dropped mixer output)."""
+    torch.manual_seed(0)
+    kind, prefixing = family
+    config = {"d_state": 4, "expand": 2}
+    if kind == "mamba2":
+        config.update(headdim=8, d_state=8, chunk_size=4, rmsnorm=False)
+    model = MadeonLM(VOCAB, 16, 1, kind, prefixing, config, generate_text_index=GENERATE_TEXT, dropout=p).train()
+    block = model.blocks[0]
+    seen = {}
+    block.mixer.in_proj.register_forward_hook(lambda module, inputs, output: seen.setdefault("in_proj", output))
+    block.register_forward_hook(lambda module, inputs, output: seen.setdefault("added", output - inputs[0]))
+    tokens = torch.cat([sequence(speech=20, text=10, seed=s) for s in (1, 2)])
+    with torch.no_grad():
+        model(tokens)
+    return seen["in_proj"], seen["added"]
+
+
+def whole_zero(x, dim):
+    """(rows all zero, rows without any zero) along ``dim`` of x."""
+    zero = x == 0
+    return zero.all(dim=dim), ~zero.any(dim=dim)
+
+
+@pytest.mark.parametrize("prefixing", ["none", "parallel"])
+def test_mamba_dropout_drops_whole_token_positions_of_in_proj_and_whole_channels_of_the_block(prefixing):
+    in_proj, added = dropped_in_training(("mamba", prefixing))
+    # in_proj output (batch, time, 2 d_inner): a token position is dropped in every channel or in none
+    dropped, kept_positions = whole_zero(in_proj, dim=2)
+    assert (dropped | kept_positions).all()
+    assert dropped.any() and kept_positions.any()
+    # block output (batch, time, d_model): a feature channel is dropped at every position or at none
+    # (of the positions whose in_proj output was kept: the others' mixer output is zero in every channel)
+    for row in range(added.shape[0]):
+        dropped, kept = whole_zero(added[row, kept_positions[row]], dim=0)
+        assert (dropped | kept).all()
+        assert dropped.any() and kept.any()
+
+
+def test_mamba2_dropout_is_element_wise():
+    in_proj, added = dropped_in_training(("mamba2", "parallel"))
+    for x in (in_proj, added):
+        zero = x == 0
+        assert 0.3 < zero.float().mean() < 0.7  # about p of the elements
+        # neither whole positions nor whole channels: many rows along both axes are partly dropped
+        for dim in (1, 2):
+            dropped, kept = whole_zero(x, dim)
+            assert (~dropped & ~kept).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("family", MAMBA_FAMILIES, ids=["-".join(f) for f in MAMBA_FAMILIES])
+def test_dropout_is_off_in_eval_mode(family):
+    model = build(family)
+    tokens = sequence()
+    for block in model.modules():
+        if hasattr(block, "in_proj_dropout"):
+            block.in_proj_dropout.dropout.p = block.dropout.dropout.p = 0.5
+    torch.testing.assert_close(model(tokens), model(tokens))
+    assert not (model(tokens) == 0).any()
+
+
+def test_beam_search_never_returns_an_empty_transcript():
+    # An LM whose first text token is almost surely <eos>: without a minimum length the best
+    # hypothesis is empty, with min_length 1 (ESPnet's minlen, as MADEON decodes) it is not.
+    model = build(("transformer", "causal"))
+    with torch.no_grad():
+        model.head.bias.zero_()
+        model.head.bias[EOS] = 30.0
+    prefix = sequence(speech=5, text=0)[:, :-1]
+    lengths = torch.tensor([prefix.shape[1]])
+    results = {}
+    for min_length in (0, 1):
+        search = DecoderOnlyBeamSearcher(
+            FullSequenceScorer(model), GENERATE_TEXT, EOS, beam_size=3, max_length=5, min_length=min_length
+        )
+        results[min_length] = search(prefix, lengths)[0][0]
+    assert results[0] == []
+    assert len(results[1]) >= 1 and EOS not in results[1]

@@ -25,5 +25,11 @@ def test_yaml_model_has_the_published_parameter_count(name, tmp_path):
             f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out"), "ssl_source": str(tmp_path)}
         )
     millions = sum(p.numel() for p in hparams["lm"].parameters()) / 1e6
-    assert abs(millions - PUBLISHED[name]) <= 0.01 * PUBLISHED[name], millions
+    # 1 % for MADEON. The Transformer must round to the published 38.6 M (arXiv 2411.06968, Table 4), well
+    # inside 0.5 %: its input block (Linear, LayerNorm, ReLU) and output bias are part of it (without
+    # them: 38.42 M).
+    if name == "transformer":
+        assert round(millions, 1) == PUBLISHED[name], millions
+    else:
+        assert abs(millions - PUBLISHED[name]) <= 0.01 * PUBLISHED[name], millions
     assert hparams["vocab_size"] == 10000

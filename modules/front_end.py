@@ -20,6 +20,7 @@ searchers, which take SpeechBrain's relative lengths, see exactly the valid fram
 """
 
 import torch
+from speechbrain.lobes.models import convolution
 from speechbrain.nnet.CNN import Conv2d
 from speechbrain.processing.features import spectral_magnitude
 
@@ -116,6 +117,18 @@ def exact_convolutions(CNN, x, lengths):
     return x, frames / x.shape[1]
 
 
+class ConvolutionFrontEnd(convolution.ConvolutionFrontEnd):
+    """SpeechBrain's ``ConvolutionFrontEnd`` (same arguments and parameters) that, given relative lengths,
+    runs as :func:`exact_convolutions` and returns (output, exact relative lengths); without lengths, it
+    is SpeechBrain's. A module of its own, so that the recipes call it through DDP's wrapper.
+    """
+
+    def forward(self, x, lengths=None):
+        if lengths is None:
+            return super().forward(x)
+        return exact_convolutions(self, x, lengths)
+
+
 def _convolve_valid_frames(conv, x, frames):
     """One ``Conv2d`` (time on axis 1 of x) on the valid frames of each row -> (output, output frames)."""
     if conv.padding != "same":
@@ -148,16 +161,17 @@ def _pad_past_lengths(x, frames, reflect):
 
 def encoder_input(compute_features, normalize, CNN, wavs, wav_lens, augment=None, epoch=None):
     """Waveforms -> the speech encoder's input and its exact relative lengths, as every recipe computes it:
-    :func:`exact_features` -> ``normalize`` -> ``augment`` (training only) -> :func:`exact_convolutions`.
+    :func:`exact_features` -> ``normalize`` -> ``augment`` (training only) -> ``CNN`` with lengths.
 
     ``normalize`` is the yaml's ``InputNormalization`` (``epoch`` decides whether it still updates its
-    statistics); ``augment`` the yaml's feature ``Augmenter`` or None.
+    statistics); ``augment`` the yaml's feature ``Augmenter`` or None; ``CNN`` a
+    :class:`ConvolutionFrontEnd` (possibly wrapped by DDP).
     """
     feats, feat_lens = exact_features(compute_features, wavs, wav_lens)
     feats = normalize(feats, feat_lens, epoch=epoch)
     if augment is not None:
         feats, feat_lens = augment(feats, feat_lens)
-    return exact_convolutions(CNN, feats, feat_lens)
+    return CNN(feats, feat_lens)
 
 
 class WaveformEncoder(torch.nn.Module):

@@ -12,6 +12,7 @@ half-written checkpoint must never be taken for a valid one.
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -228,7 +229,10 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path, unint
     warning = f"Cannot load the checkpoint file {bad_file}"
     assert f"{warning}: RuntimeError: PytorchStreamReader failed" in log
     assert f"Falling back to the previous checkpoint {previous.path}" in log
-    assert "Left out of the checkpoint average" in log  # at test, the bad file is not averaged
+    aside = latest.path.with_name(f"corrupt-{latest.path.name}")
+    assert f"Moved the checkpoint that failed to load to {aside}" in log and (aside / "model.ckpt").exists()
+    averaged = re.search(r"Averaged model over (\d+) of (\d+) checkpoints", log)
+    assert averaged.group(1) == averaged.group(2)  # at test, only loadable checkpoints are averaged
     resumed = final_checkpoint(run)
     assert resumed.path != latest.path
     full = final_checkpoint(uninterrupted)
@@ -238,5 +242,6 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path, unint
         "latest checkpoint of a CTC training truncated, training started again",
         f"warning '{warning} ...', falls back to the previous (intra-epoch) checkpoint, redoes "
         f"{training_state(full)['optimizer_step'] - training_state(previous)['optimizer_step']} step(s) and ends "
-        "equal to the uninterrupted run; at test the bad file is left out of the checkpoint average with a warning",
+        f"equal to the uninterrupted run; the bad checkpoint is renamed {aside.name}, out of the kept set, and the "
+        f"test averages {averaged.group(1)} of {averaged.group(2)} checkpoints",
     )

@@ -180,7 +180,7 @@ def test_encoder_features_are_what_the_ctc_head_reads_one_frame_per_40_ms(ctc_fo
     assert frames.dtype == torch.float32 and frames.device.type == "cpu"
     assert abs(len(frames) - len(wav) / 640) <= 1  # 40 ms at 16 kHz
     encoder = features.asr.mods.encoder  # last layer -> final LayerNorm -> CTC head = the model's output
-    log_probs = encoder.log_softmax(encoder.ctc_lin(encoder.speech_encoder.encoder.norm(frames[None])))
+    log_probs = encoder.ctc_lin(encoder.speech_encoder.encoder.norm(frames[None])).log_softmax(dim=-1)
     assert torch.allclose(log_probs, features.asr.encode_batch(wav[None], torch.ones(1)), atol=1e-5)
     assert torch.equal(features(wav), frames)  # no dropout: the same audio, the same units
 

@@ -141,8 +141,8 @@ def test_a_too_short_or_nan_file_gets_its_error_line_and_the_others_are_transcri
     assert f"2 of {2 + len(expected)} files failed" in err
     record(
         "transcribe.py on a 10 ms WAV, a WAV with a NaN sample and 3 good files (--batch_size 1)",
-        f"exit 1; the 3 good files transcribed on stdout; stderr: '{errors[0].split(': ', 2)[2]}' and "
-        f"'{errors[1].split(': ', 2)[2]}', each with its path, and '2 of 5 files failed'",
+        f"exit 1; the 3 good files transcribed on stdout; on stderr, after each file's path: "
+        f"'{errors[0].split(f'{short}: ')[1]}' and '{errors[1].split(f'{nan}: ')[1]}', then '2 of 5 files failed'",
     )
 
 

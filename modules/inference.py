@@ -80,7 +80,7 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
         hparams["normalize"]._save(os.path.join(folder, "normalizer.ckpt"))
     if kmeans_file is not None:
         shutil.copyfile(kmeans_file, os.path.join(folder, "kmeans.ckpt"))
-    ship_code(folder, re.search(r"^interface: (\S+)$", template, flags=re.MULTILINE).group(1))
+    ship_code(folder, re.search(r"^interface: (\S+)", template, flags=re.MULTILINE).group(1))
     if hparams.get("lm_file"):
         logger.warning(f"{folder} decodes without the language model of lm_file: it is not exported")
     logger.info(f"Inference folder written: {folder}")

@@ -189,9 +189,9 @@ if __name__ == "__main__":
 
     prepare_manifests(hparams)
     tokenizer = train_tokenizer(hparams)  # characters in the published CTC configs
+    train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)  # checks the manifests
     if hparams["ngram_lm_file"]:  # the word LM of the test beam search
         run_on_main(prepare_ngram_lm, args=[hparams["train_csv"], hparams["ngram_order"], hparams["ngram_lm_file"]])
-    train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 
     asr_brain = ASR(
         modules=hparams["modules"],

@@ -8,11 +8,12 @@ n-gram holds its interpolated probability, each context the weight given to the 
 represents the interpolated model exactly. Nothing is downloaded.
 """
 
-import csv
 import logging
 import math
 import os
 from collections import Counter, defaultdict
+
+from modules.data_checks import read_manifest
 
 logger = logging.getLogger(__name__)
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -110,9 +111,10 @@ def _write_arpa(path, probs, backoffs, order):
 
 def train_word_ngram(train_csv, order, arpa_path):
     """Word n-gram of ``order`` over the ``wrd`` column of ``train_csv`` (the training transcripts),
-    written to ``arpa_path``; returns the path."""
-    with open(train_csv, newline="", encoding="utf-8") as f:
-        sentences = [row["wrd"].split() for row in csv.DictReader(f)]
+    written to ``arpa_path``; returns the path. Rows the manifest checks reject are left out (the
+    recipe has already applied its ``bad_data`` policy to them)."""
+    rows, _ = read_manifest(train_csv)
+    sentences = [row["wrd"].split() for row in rows.values()]
     estimate_arpa(sentences, order, arpa_path)
     return arpa_path
 

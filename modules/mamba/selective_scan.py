@@ -19,6 +19,7 @@ directions as two groups and runs one scan.
   differentiates. Tests compare both back-ends with it in float64.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -261,8 +262,19 @@ def selective_scan_ref(
     return (out, h) if return_last_state else out
 
 
-@torch.jit.script
-def scan_loop(u, delta, A, B, C, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool):
+def scan_loop(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+    """:func:`_scan_loop` as a TorchScript function, whose loop over time survives ``torch.jit.trace``
+    (export). It is scripted at its first call, not at import: ``torch.jit.script`` warns that it is
+    deprecated, and only an export should print that."""
+    return _scripted_scan_loop()(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+@functools.cache
+def _scripted_scan_loop():
+    return torch.jit.script(_scan_loop)
+
+
+def _scan_loop(u, delta, A, B, C, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool):
     """The recurrence of ``selective_scan_ref`` (without z and initial state) in TorchScript, which
     keeps its loop over time a loop; the reference's conditional return type does not script.
 

@@ -119,8 +119,11 @@ def run(args):
                     flops_per_byte=round(counts["forward_flops"] / counts["forward_bytes"], 1),
                 )
                 row["forward_share_of_copy_bandwidth"] = round(row["forward_GBps"] * 1e9 / bandwidth, 4)
-                if row["backward_GBps"] is not None:
-                    row["backward_share_of_copy_bandwidth"] = round(row["backward_GBps"] * 1e9 / bandwidth, 4)
+                # the backward time is a difference of two timings: on a loaded machine it can be <= 0,
+                # and then it has no bandwidth (every row keeps the same columns for results.csv)
+                row["backward_share_of_copy_bandwidth"] = (
+                    round(row["backward_GBps"] * 1e9 / bandwidth, 4) if row["backward_GBps"] is not None else None
+                )
                 rows.append(row)
                 logger.info(json.dumps(row))
     return bandwidth, rows
@@ -138,7 +141,7 @@ def markdown_table(bandwidth, rows):
         lines.append(
             f"| {r['d_model']} | {r['layout']} | {r['frames']} | {r['forward_bytes'] / 1e6:.1f} | {r['forward_ms']:.3f} "
             f"| {r['forward_GBps']:.1f} | {r['forward_share_of_copy_bandwidth']:.1%} | {r['backward_bytes'] / 1e6:.1f} "
-            f"| {r['backward_ms']:.3f} | {r['backward_GBps'] or 0:.1f} | {r.get('backward_share_of_copy_bandwidth', 0):.1%} "
+            f"| {r['backward_ms']:.3f} | {r['backward_GBps'] or 0:.1f} | {r['backward_share_of_copy_bandwidth'] or 0:.1%} "
             f"| {r['flops_per_byte']} |"
         )
     return "\n".join(lines)

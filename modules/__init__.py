@@ -7,3 +7,13 @@ import logging
 logging.getLogger("speechbrain.utils.train_logger").addFilter(
     lambda record: "torchvision is not available" not in record.getMessage()
 )
+
+# The CTC recipes' word LM is the ARPA file modules/ngram.py writes (small, loads in well under a
+# second), and the demo's vocabulary is small by design: SpeechBrain's two warnings about that fire on
+# every such run and say nothing a user must act on.
+logging.getLogger("speechbrain.decoders.ctc").addFilter(
+    lambda record: "Using arpa instead of binary LM file" not in record.getMessage()
+)
+logging.getLogger("speechbrain.integrations.decoders.kenlm_scorer").addFilter(
+    lambda record: "unigrams passed as vocabulary" not in record.getMessage()
+)

@@ -25,6 +25,7 @@ import torch
 import speechbrain as sb
 from speechbrain.utils.distributed import run_on_main
 
+from modules.front_end import encoder_input
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.ngram import prepare_ngram_lm
@@ -64,7 +65,15 @@ class ASR(RecipeBrain):
         wavs, wav_lens = batch.sig
 
         # Exact per-utterance frame counts: an utterance's output does not depend on its batch
-        src, src_lens = self.encoder_input(wavs, wav_lens, stage)
+        src, src_lens = encoder_input(
+            self.hparams.compute_features,
+            self.modules.normalize,
+            self.modules.CNN,
+            wavs,
+            wav_lens,
+            augment=self.hparams.fea_augment if stage == sb.Stage.TRAIN else None,
+            epoch=self.hparams.epoch_counter.current,
+        )
         enc_out = self.modules.speech_encoder(src, src_lens)
         logits = self.modules.ctc_lin(enc_out)
         p_ctc = self.hparams.log_softmax(logits)

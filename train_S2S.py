@@ -31,6 +31,7 @@ import speechbrain as sb
 from speechbrain.decoders.scorer import ScorerBuilder
 from speechbrain.utils.distributed import run_on_main
 
+from modules.front_end import encoder_input
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.recipe import (
@@ -77,7 +78,15 @@ class ASR(RecipeBrain):
         tokens_bos, _ = batch.tokens_bos
 
         # Exact per-utterance frame counts: an utterance's output does not depend on its batch
-        src, enc_lens = self.encoder_input(wavs, wav_lens, stage)
+        src, enc_lens = encoder_input(
+            self.hparams.compute_features,
+            self.modules.normalize,
+            self.modules.CNN,
+            wavs,
+            wav_lens,
+            augment=self.hparams.fea_augment if stage == sb.Stage.TRAIN else None,
+            epoch=self.hparams.epoch_counter.current,
+        )
         if stage == sb.Stage.TRAIN:
             tokens_bos = self.hparams.fea_augment.replicate_labels(tokens_bos)
 

@@ -20,7 +20,6 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from librispeech_prepare import ALPHABET, prepare_librispeech
 from modules.checkpointing import average_checkpoints
 from modules.data_checks import BadDataError, collate_readable, load_manifest, read_checked_audio, read_manifest
-from modules.front_end import encoder_input
 from modules.text_tokenizer import train_sentencepiece
 
 logger = logging.getLogger(__name__)
@@ -99,19 +98,6 @@ class RecipeBrain(sb.Brain):
         self.nonfinite_loss = False
         for p in params:
             p.grad = None
-
-    def encoder_input(self, wavs, wav_lens, stage):
-        """The speech encoder's input and exact per-utterance frame counts (:func:`front_end.encoder_input`),
-        from the yaml's compute_features, normalize and CNN, with feature augmentation in training."""
-        return encoder_input(
-            self.hparams.compute_features,
-            self.modules.normalize,
-            self.modules.CNN,
-            wavs,
-            wav_lens,
-            augment=self.hparams.fea_augment if stage == sb.Stage.TRAIN else None,
-            epoch=self.hparams.epoch_counter.current,
-        )
 
     def count_nonfinite_step(self, what):
         """Logs a skipped step; stops training after ``nonfinite_patience`` of them in an epoch."""

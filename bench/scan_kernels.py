@@ -132,8 +132,8 @@ def apply_config(config):
 
 def sweep():
     """Times every block configuration on every shape; returns the one with the least total time."""
-    forward_configs = [dict(BLOCK_D=d, num_warps=w) for d, w in ((16, 4), (32, 4), (32, 8), (64, 8))]
-    backward_configs = [dict(BLOCK_D=d, num_warps=w) for d, w in ((8, 4), (16, 4), (16, 8), (32, 8))]
+    configs = [dict(BLOCK_D=d, num_warps=w) for d, w in ((8, 1), (16, 1), (32, 1), (64, 2))]
+    forward_configs = backward_configs = configs
     best = None
     for block_t in (8, 16):
         totals = {}  # (pass, index) -> ms summed over the shapes

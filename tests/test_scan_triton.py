@@ -175,3 +175,17 @@ def test_the_kernels_trace_as_one_graph_node():
     compiled = torch.compile(directional_scan_triton, backend="aot_eager", fullgraph=True)
     expected = directional_scan_triton(**inputs, directions=2, scale=0.5)
     torch.testing.assert_close(compiled(**inputs, directions=2, scale=0.5), expected)
+
+
+def test_the_custom_ops_agree_with_their_shape_functions():
+    """opcheck compares each op's real outputs with its registered fake ones (shapes, dtypes, strides,
+    which torch.compile trusts) and checks the autograd registration."""
+    from modules.mamba.scan_triton import directional_scan_bwd, directional_scan_fwd
+
+    inputs = scan_inputs(2, 11, 8, 4, 2, torch.float32, [11, 6], initial_state=True)
+    args = [inputs[name].detach() for name in ("u", "delta", "A", "B", "C", "D", "delta_bias", "z", "lengths",
+                                                "initial_state")]
+    torch.library.opcheck(directional_scan_fwd, (*args, 2, 0.5, True))
+    out, last, checkpoints = directional_scan_fwd(*args, 2, 0.5, True)
+    grad_out, grad_last = torch.randn_like(out), torch.randn_like(last)
+    torch.library.opcheck(directional_scan_bwd, (grad_out, grad_last, *args[:9], checkpoints, 2, 0.5, True))

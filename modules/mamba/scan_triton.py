@@ -7,14 +7,15 @@ a bidirectional scan runs backwards inside each row's own length: its program ma
 to frame ``length - 1 - s`` in every load and store, so nothing is gathered, flipped or transposed.
 softplus(delta + bias), the D skip, the SiLU(z) gate and the mean of the two directions are fused.
 
-One program scans one (channel block, utterance, direction) through time in chunks of ``BLOCK_T``
-frames: a chunk's decays and inputs are combined by a parallel associative scan over time, and the
-state entering the chunk (float32, in registers) carries between chunks. The forward pass keeps the
-state at every chunk start; the backward pass walks the chunks in reverse, recomputes their states
-from those checkpoints and runs the adjoint recurrence ``g_s = C_s dy_s + exp(delta_{s+1} A) g_{s+1}``
-by a reverse associative scan. Gradients shared across channels (B, C) are written per channel block,
-those shared across the batch (A, D, delta bias) per utterance, and the caller sums them. Each
-program loads the next chunk while it computes the current one (software pipelining by hand).
+One program scans one (channel block, utterance, direction) through time, one frame per step. Its
+lanes run along the channels and each thread keeps all N states of its channel in float32 registers,
+so the sums over states (``<C_t, h_t>`` and the backward's sums) never leave a thread and every load
+of u, delta, z is a coalesced row of consecutive channels. The forward pass keeps the state every
+``BLOCK_T`` frames. The backward pass walks those chunks in reverse: it recomputes a chunk's states
+from its checkpoint into a small per-program scratch buffer, then runs the adjoint
+recurrence ``g_s = C_s dy_s + exp(delta_{s+1} A) g_{s+1}`` frame by frame backwards. Gradients shared
+across channels (B, C) are summed over the block's lanes and written per channel block, those shared
+across the batch (A, D, delta bias) per utterance, and the caller sums them.
 
 Padded steps have step size 0, an identity step (decay 1, no input): outputs and gradients there are
 0 and each row's last state is the state after its own last frame. With ``TRITON_INTERPRET=1`` the
@@ -28,35 +29,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_T = 8  # frames per chunk: the associative scan's length and the forward's checkpoint interval
-# channels per program and warps per program of each pass, chosen by `bench/scan_kernels.py --sweep`
-FORWARD = dict(BLOCK_D=16, num_warps=4)
-BACKWARD = dict(BLOCK_D=16, num_warps=4)
-
-
-@triton.jit
-def _affine_combine(decay_left, input_left, decay_right, input_right):
-    """Composition of two steps h -> decay * h + input, the left one applied first."""
-    return decay_left * decay_right, input_left * decay_right + input_right
+# Frames between the forward's state checkpoints; the backward recomputes one such chunk at a time.
+# 8 is 10 % faster in the backward (`bench/scan_kernels.py --sweep`) but doubles the checkpoints'
+# memory (float32, batch x time / BLOCK_T x state x channels a layer).
+BLOCK_T = 16
+# Channels and warps per program of each pass, from `bench/scan_kernels.py --sweep`: one warp of 32
+# channels was the fastest at every shape.
+FORWARD = dict(BLOCK_D=32, num_warps=1)
+BACKWARD = dict(BLOCK_D=32, num_warps=1)
+LOG2_E = tl.constexpr(1.4426950408889634)
+LN_2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def _softplus(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D: tl.constexpr,
-                HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """A (BLOCK_D, N), D and the step-size bias (BLOCK_D,) of one channel block; zeros where absent."""
-    A = tl.load(A_ptr + state_offsets, mask=channel_mask[:, None], other=0.0)
-    D = tl.zeros([BLOCK_D], tl.float32)
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + channels, mask=channel_mask, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0)
-    return A, D, bias
 
 
 @triton.jit
@@ -69,58 +56,54 @@ def _is_reversed(direction, BIDIRECTIONAL: tl.constexpr):
 
 
 @triton.jit
-def _chunk_frames(chunk, length, reverse, channel_mask, BLOCK_T: tl.constexpr):
-    """Frames of scan chunk ``chunk`` (BLOCK_T,), which of them are valid, and the (BLOCK_T, BLOCK_D) mask."""
-    steps = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid = (steps >= 0) & (steps < length)  # chunk -1 is the backward pass's prefetch past the start
-    frames = tl.where(reverse, length - 1 - steps, steps)
-    return frames, valid, valid[:, None] & channel_mask[None, :]
-
-
-@triton.jit
-def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, frames, valid, mask, dims, channels,
-                s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, N: tl.constexpr, HAS_Z: tl.constexpr):
-    """One chunk's u, delta (BLOCK_T, BLOCK_D), B, C (BLOCK_T, N) and z, as stored; pointers are at the
-    utterance (and B, C at the direction)."""
-    states = tl.arange(0, N)
-    u = tl.load(u_ptr + frames[:, None] * s_ut + channels[None, :] * s_uc, mask=mask, other=0.0)
-    delta = tl.load(delta_ptr + frames[:, None] * s_dt + channels[None, :] * s_dc, mask=mask, other=0.0)
-    B = tl.load(B_ptr + frames[:, None] * s_Bt + states[None, :] * s_Bn, mask=valid[:, None], other=0.0)
-    C = tl.load(C_ptr + frames[:, None] * s_Ct + states[None, :] * s_Cn, mask=valid[:, None], other=0.0)
-    z = u
-    if HAS_Z:  # the gate has one set of channels, shared by both directions
-        z = tl.load(z_ptr + frames[:, None] * s_zt + dims[None, :] * s_zc, mask=mask, other=0.0)
-    return u, delta, B, C, z
-
-
-@triton.jit
-def _step_sizes(delta_raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """softplus(delta + bias) in float32, 0 at padded frames (an identity step); also its argument."""
-    delta_raw = delta_raw.to(tl.float32)
+def _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D: tl.constexpr,
+                HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A log2(e) (N, BLOCK_D), D and the step-size bias (BLOCK_D,) of one channel block; zeros where absent."""
+    A = tl.load(A_ptr + state_offsets, mask=channel_mask[None, :], other=0.0) * LOG2_E  # exp(x A) = exp2(x A log2 e)
+    D = tl.zeros([BLOCK_D], tl.float32)
+    bias = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + channels, mask=channel_mask, other=0.0)
     if HAS_BIAS:
-        delta_raw += bias[None, :]
+        bias = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0)
+    return A, D, bias
+
+
+@triton.jit
+def _frame(step, length, reverse):
+    """The frame that scan step ``step`` reads, and whether it is a valid one."""
+    return tl.where(reverse, length - 1 - step, step), (step >= 0) & (step < length)
+
+
+@triton.jit
+def _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask, states,
+               s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn):
+    """One frame's u, raw delta (BLOCK_D,) and B, C (N,), as stored; 0 at padded frames."""
+    mask = channel_mask & valid
+    u = tl.load(u_ptr + frame * s_ut + channels * s_uc, mask=mask, other=0.0)
+    delta = tl.load(delta_ptr + frame * s_dt + channels * s_dc, mask=mask, other=0.0)
+    B = tl.load(B_ptr + frame * s_Bt + states * s_Bn, mask=valid, other=0.0)
+    C = tl.load(C_ptr + frame * s_Ct + states * s_Cn, mask=valid, other=0.0)
+    return u, delta, B, C
+
+
+@triton.jit
+def _step_size(delta_raw, bias, valid, SOFTPLUS: tl.constexpr):
+    """softplus(delta + bias) in float32, 0 at padded frames (an identity step); also its argument."""
+    delta_raw = delta_raw.to(tl.float32) + bias
     delta = delta_raw
     if SOFTPLUS:
         delta = _softplus(delta_raw)
-    return tl.where(mask, delta, 0.0), delta_raw
-
-
-@triton.jit
-def _chunk_states(delta, u, B, A, h):
-    """Decays exp(delta A), and the states after each step of the chunk from state h (BLOCK_T, BLOCK_D, N)."""
-    decay = tl.exp(delta[:, :, None] * A[None, :, :])
-    inputs = (delta * u)[:, :, None] * B[:, None, :]
-    decay_product, states = tl.associative_scan((decay, inputs), 0, _affine_combine)
-    return decay, inputs, states + decay_product * h[None, :, :]
+    return tl.where(valid, delta, 0.0), delta_raw
 
 
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, lengths_ptr, h0_ptr,
     out_ptr, last_ptr, checkpoint_ptr,
-    DIM, chunks,
+    DIM,
     s_ub, s_ut, s_uc, s_db, s_dt, s_dc, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, s_zb, s_zt, s_zc,
-    s_ob, s_ot, s_oc,
+    s_ob, s_ot, s_oc, s_kb, s_kk, s_kn,
     scale,
     N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
@@ -133,9 +116,12 @@ def _scan_fwd_kernel(
     channel_mask = dims < DIM
     channels = direction * DIM + dims  # into u, delta, A, D, bias and the states
     states = tl.arange(0, N)
-    state_offsets = channels[:, None] * N + states[None, :]
-    A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, HAS_D, HAS_BIAS)
     total_channels = DIM * (1 + BIDIRECTIONAL)
+    # (N, BLOCK_D) into A and the states, stored (state, channels): lanes read consecutive channels
+    state_offsets = states[:, None] * total_channels + channels[None, :]
+    state_mask = channel_mask[None, :]
+    A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, HAS_D,
+                             HAS_BIAS)
     u_ptr += batch * s_ub
     delta_ptr += batch * s_db
     B_ptr += batch * s_Bb + direction * s_Bg
@@ -143,52 +129,47 @@ def _scan_fwd_kernel(
     if HAS_Z:
         z_ptr += batch * s_zb
     out_ptr += batch * s_ob
-    checkpoint_ptr += batch * chunks * total_channels * N + state_offsets
+    checkpoint_ptr += batch * s_kb + states[:, None] * s_kn + channels[None, :]
     if HAS_H0:
-        h = tl.load(h0_ptr + batch * total_channels * N + state_offsets, mask=channel_mask[:, None], other=0.0)
+        h = tl.load(h0_ptr + batch * total_channels * N + state_offsets, mask=state_mask, other=0.0)
     else:
-        h = tl.zeros([BLOCK_D, N], tl.float32)
-    rows = tl.arange(0, BLOCK_T)
-    # software pipelining: the loads of chunk k + 1 are in flight while chunk k is computed
-    frames, valid, mask = _chunk_frames(0, length, reverse, channel_mask, BLOCK_T)
-    u_next, delta_next, B_next, C_next, z_next = _load_chunk(
-        u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, frames, valid, mask, dims, channels,
-        s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, N, HAS_Z)
-    for chunk in range(0, tl.cdiv(length, BLOCK_T)):
-        u, delta_raw, B, C, z = u_next, delta_next, B_next, C_next, z_next
-        chunk_frames, chunk_mask = frames, mask
-        frames, valid, mask = _chunk_frames(chunk + 1, length, reverse, channel_mask, BLOCK_T)
-        u_next, delta_next, B_next, C_next, z_next = _load_chunk(
-            u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, frames, valid, mask, dims, channels,
-            s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, N, HAS_Z)
-
-        tl.store(checkpoint_ptr + chunk * total_channels * N, h, mask=channel_mask[:, None])
-        u = u.to(tl.float32)
-        delta, _ = _step_sizes(delta_raw, bias, chunk_mask, HAS_BIAS, SOFTPLUS)
-        _, _, hs = _chunk_states(delta, u, B.to(tl.float32), A, h)
-        y = tl.sum(hs * C.to(tl.float32)[:, None, :], 2) + D[None, :] * u
-        h = tl.sum(tl.where((rows == BLOCK_T - 1)[:, None, None], hs, 0.0), 0)
+        h = tl.zeros([N, BLOCK_D], tl.float32)
+    # the loads of step s + 1 are issued before step s is computed
+    frame, valid = _frame(0, length, reverse)
+    u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels,
+                                                    channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+    for step in range(0, length):
+        u, delta_raw, B, C = u_next.to(tl.float32), delta_next, B_next.to(tl.float32), C_next.to(tl.float32)
+        this_frame = frame
+        frame, valid = _frame(step + 1, length, reverse)
+        u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels,
+                                                        channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+        if step % BLOCK_T == 0:
+            tl.store(checkpoint_ptr + (step // BLOCK_T) * s_kk, h, mask=state_mask)
+        delta, _ = _step_size(delta_raw, bias, True, SOFTPLUS)
+        h = tl.math.exp2(delta[None, :] * A) * h + (delta * u)[None, :] * B[:, None]
+        y = tl.sum(h * C[:, None], 0) + D * u
         if HAS_Z:
-            z = z.to(tl.float32)
+            z = tl.load(z_ptr + this_frame * s_zt + dims * s_zc, mask=channel_mask, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
         y = y * scale
-        out_offsets = out_ptr + chunk_frames[:, None] * s_ot + dims[None, :] * s_oc
+        out_offsets = out_ptr + this_frame * s_ot + dims * s_oc
         if ATOMIC_OUT:
-            tl.atomic_add(out_offsets, y, mask=chunk_mask, sem="relaxed")
+            tl.atomic_add(out_offsets, y, mask=channel_mask, sem="relaxed")
         else:
-            tl.store(out_offsets, y.to(out_ptr.dtype.element_ty), mask=chunk_mask)
-    tl.store(last_ptr + batch * total_channels * N + state_offsets, h, mask=channel_mask[:, None])
+            tl.store(out_offsets, y.to(out_ptr.dtype.element_ty), mask=channel_mask)
+    tl.store(last_ptr + batch * total_channels * N + state_offsets, h, mask=state_mask)
 
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, lengths_ptr, checkpoint_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, lengths_ptr, checkpoint_ptr, scratch_ptr,
     grad_out_ptr, grad_last_ptr,
     grad_u_ptr, grad_delta_ptr, grad_B_ptr, grad_C_ptr, grad_z_ptr, grad_A_ptr, grad_D_ptr, grad_bias_ptr,
     grad_h0_ptr,
-    DIM, chunks,
+    DIM,
     s_ub, s_ut, s_uc, s_db, s_dt, s_dc, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, s_zb, s_zt, s_zc,
-    s_gb, s_gt, s_gc,
+    s_kb, s_kk, s_kn, s_gb, s_gt, s_gc,
     s_gub, s_gut, s_guc, s_gBk, s_gBb, s_gBt, s_gBg, s_gBn, s_gzb, s_gzt, s_gzc,
     scale,
     N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
@@ -202,104 +183,94 @@ def _scan_bwd_kernel(
     channel_mask = dims < DIM
     channels = direction * DIM + dims
     states = tl.arange(0, N)
-    state_offsets = channels[:, None] * N + states[None, :]
     total_channels = DIM * (1 + BIDIRECTIONAL)
-    A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, HAS_D, HAS_BIAS)
+    state_offsets = states[:, None] * total_channels + channels[None, :]
+    state_mask = channel_mask[None, :]
+    A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, HAS_D,
+                             HAS_BIAS)
     u_ptr += batch * s_ub
     delta_ptr += batch * s_db
     B_ptr += batch * s_Bb + direction * s_Bg
     C_ptr += batch * s_Cb + direction * s_Cg
-    grad_out_ptr += batch * s_gb
-    checkpoint_ptr += batch * chunks * total_channels * N + state_offsets
-    grad_u_ptr += batch * s_gub
-    grad_delta_ptr += batch * s_gub
     if HAS_Z:
         z_ptr += batch * s_zb
         grad_z_ptr += batch * s_gzb
+    grad_out_ptr += batch * s_gb
+    checkpoint_ptr += batch * s_kb + states[:, None] * s_kn + channels[None, :]
+    grad_u_ptr += batch * s_gub
+    grad_delta_ptr += batch * s_gub
+    # this program's states of one chunk, written by the recomputation and read back in reverse
+    program = (direction * tl.num_programs(1) + batch) * tl.num_programs(0) + block
+    scratch_ptr += program * BLOCK_T * N * BLOCK_D + states[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     # B and C are shared by the channel blocks: each block writes its own partial sums, added by the caller
     grad_B_ptr += block * s_gBk + batch * s_gBb + direction * s_gBg
     grad_C_ptr += block * s_gBk + batch * s_gBb + direction * s_gBg
     if HAS_GRAD_LAST:
-        carry = tl.load(grad_last_ptr + batch * total_channels * N + state_offsets, mask=channel_mask[:, None], other=0.0)
+        adjoint = tl.load(grad_last_ptr + batch * total_channels * N + state_offsets, mask=state_mask, other=0.0)
     else:
-        carry = tl.zeros([BLOCK_D, N], tl.float32)  # dL/dh after the chunk being processed
-    grad_A = tl.zeros([BLOCK_D, N], tl.float32)
+        adjoint = tl.zeros([N, BLOCK_D], tl.float32)  # dL/dh of the step after the one being processed
+    grad_A = tl.zeros([N, BLOCK_D], tl.float32)
     grad_D = tl.zeros([BLOCK_D], tl.float32)
     grad_bias = tl.zeros([BLOCK_D], tl.float32)
-    rows = tl.arange(0, BLOCK_T)
-    last_row = (rows == BLOCK_T - 1)[:, None, None]
-    n_chunks = tl.cdiv(length, BLOCK_T)
-    frames, valid, mask = _chunk_frames(n_chunks - 1, length, reverse, channel_mask, BLOCK_T)
-    u_next, delta_next, B_next, C_next, z_next = _load_chunk(
-        u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, frames, valid, mask, dims, channels,
-        s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, N, HAS_Z)
-    grad_out_next = tl.load(grad_out_ptr + frames[:, None] * s_gt + dims[None, :] * s_gc, mask=mask, other=0.0)
-    for back in range(0, n_chunks):
-        chunk = n_chunks - 1 - back
-        u, delta_raw, B, C, z, grad_out = u_next, delta_next, B_next, C_next, z_next, grad_out_next
-        chunk_frames, chunk_valid, chunk_mask = frames, valid, mask
-        frames, valid, mask = _chunk_frames(chunk - 1, length, reverse, channel_mask, BLOCK_T)
-        u_next, delta_next, B_next, C_next, z_next = _load_chunk(
-            u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, frames, valid, mask, dims, channels,
-            s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, N, HAS_Z)
-        grad_out_next = tl.load(grad_out_ptr + frames[:, None] * s_gt + dims[None, :] * s_gc, mask=mask, other=0.0)
-
-        h_start = tl.load(checkpoint_ptr + chunk * total_channels * N, mask=channel_mask[:, None], other=0.0)
-        u = u.to(tl.float32)
-        B = B.to(tl.float32)
-        C = C.to(tl.float32)
-        delta, delta_raw = _step_sizes(delta_raw, bias, chunk_mask, HAS_BIAS, SOFTPLUS)
-        decay, inputs, hs = _chunk_states(delta, u, B, A, h_start)
-
-        grad_out = grad_out.to(tl.float32) * scale
-        grad_y = grad_out
-        if HAS_Z:
-            z = z.to(tl.float32)
-            sig = tl.sigmoid(z)
-            y = tl.sum(hs * C[:, None, :], 2) + D[None, :] * u
-            grad_z = grad_out * y * sig * (1.0 + z * (1.0 - sig))
-            grad_z_offsets = grad_z_ptr + chunk_frames[:, None] * s_gzt + dims[None, :] * s_gzc
-            if BIDIRECTIONAL:
-                tl.atomic_add(grad_z_offsets, grad_z, mask=chunk_mask, sem="relaxed")
-            else:
-                tl.store(grad_z_offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=chunk_mask)
-            grad_y = grad_out * z * sig
-        BC_offsets = chunk_frames[:, None] * s_gBt + states[None, :] * s_gBn
-        tl.store(grad_C_ptr + BC_offsets, tl.sum(hs * grad_y[:, :, None], 1), mask=chunk_valid[:, None])
-        previous = hs - inputs  # decay_s * h_{s-1}
-
-        # adjoint g_s = C_s dy_s + decay_{s+1} g_{s+1}; the chunk's last row takes the carry instead.
-        # decay_{s+1} is recomputed from a load shifted by one step (cheaper than moving the tile)
-        next_mask = chunk_mask & (chunk * BLOCK_T + rows + 1 < length)[:, None]  # a padded step has decay 1
-        next_frames = tl.where(reverse, chunk_frames - 1, chunk_frames + 1)
-        next_delta = tl.load(delta_ptr + next_frames[:, None] * s_dt + channels[None, :] * s_dc, mask=next_mask, other=0.0)
-        next_delta, _ = _step_sizes(next_delta, bias, next_mask, HAS_BIAS, SOFTPLUS)
-        next_decay = tl.where(last_row, 0.0, tl.exp(next_delta[:, :, None] * A[None, :, :]))
-        sources = C[:, None, :] * grad_y[:, :, None] + tl.where(last_row, carry[None, :, :], 0.0)
-        _, adjoint = tl.associative_scan((next_decay, sources), 0, _affine_combine, reverse=True)
-        carry = tl.sum(tl.where((rows == 0)[:, None, None], decay * adjoint, 0.0), 0)
-
-        grad_log_decay = adjoint * previous  # g_s * decay_s * h_{s-1}
-        grad_A += tl.sum(grad_log_decay * delta[:, :, None], 0)
-        grad_delta_u = tl.sum(adjoint * B[:, None, :], 2)
-        grad_delta = tl.sum(grad_log_decay * A[None, :, :], 2) + grad_delta_u * u
-        tl.store(grad_B_ptr + BC_offsets, tl.sum(adjoint * (delta * u)[:, :, None], 1), mask=chunk_valid[:, None])
-        grad_u = grad_delta_u * delta + grad_y * D[None, :]
-        if HAS_D:
-            grad_D += tl.sum(grad_y * u, 0)
-        if SOFTPLUS:
-            grad_delta = grad_delta * tl.sigmoid(delta_raw)
-        grad_delta = tl.where(chunk_mask, grad_delta, 0.0)
-        grad_bias += tl.sum(grad_delta, 0)
-        offsets = chunk_frames[:, None] * s_gut + channels[None, :] * s_guc
-        tl.store(grad_u_ptr + offsets, grad_u.to(grad_u_ptr.dtype.element_ty), mask=chunk_mask)
-        tl.store(grad_delta_ptr + offsets, grad_delta.to(grad_delta_ptr.dtype.element_ty), mask=chunk_mask)
+    for back in range(0, tl.cdiv(length, BLOCK_T)):
+        first = (tl.cdiv(length, BLOCK_T) - 1 - back) * BLOCK_T
+        # recompute the chunk's states from its checkpoint
+        h = tl.load(checkpoint_ptr + (first // BLOCK_T) * s_kk, mask=state_mask, other=0.0)
+        for k in range(0, BLOCK_T):
+            frame, valid = _frame(first + k, length, reverse)
+            u, delta_raw, B, _ = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
+                                            states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+            delta, _ = _step_size(delta_raw, bias, valid, SOFTPLUS)
+            h = tl.math.exp2(delta[None, :] * A) * h + (delta * u.to(tl.float32))[None, :] * B.to(tl.float32)[:, None]
+            tl.store(scratch_ptr + k * N * BLOCK_D, h)
+        # walk it backwards: adjoint_s = C_s dy_s + exp(delta_{s+1} A) adjoint_{s+1}
+        for k_back in range(0, BLOCK_T):
+            k = BLOCK_T - 1 - k_back
+            frame, valid = _frame(first + k, length, reverse)
+            mask = channel_mask & valid
+            u, delta_raw, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
+                                            states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+            u, B, C = u.to(tl.float32), B.to(tl.float32), C.to(tl.float32)
+            h = tl.load(scratch_ptr + k * N * BLOCK_D)
+            delta, delta_raw = _step_size(delta_raw, bias, valid, SOFTPLUS)
+            grad_y = tl.load(grad_out_ptr + frame * s_gt + dims * s_gc, mask=mask, other=0.0).to(tl.float32) * scale
+            if HAS_Z:
+                z = tl.load(z_ptr + frame * s_zt + dims * s_zc, mask=mask, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(z)
+                y = tl.sum(h * C[:, None], 0) + D * u
+                grad_z = grad_y * y * sig * (1.0 + z * (1.0 - sig))
+                grad_z_offsets = grad_z_ptr + frame * s_gzt + dims * s_gzc
+                if BIDIRECTIONAL:
+                    tl.atomic_add(grad_z_offsets, grad_z, mask=mask, sem="relaxed")
+                else:
+                    tl.store(grad_z_offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
+                grad_y = grad_y * z * sig
+            adjoint += C[:, None] * grad_y[None, :]
+            tl.store(grad_C_ptr + frame * s_gBt + states * s_gBn, tl.sum(h * grad_y[None, :], 1), mask=valid)
+            tl.store(grad_B_ptr + frame * s_gBt + states * s_gBn, tl.sum(adjoint * (delta * u)[None, :], 1),
+                     mask=valid)
+            previous = h - (delta * u)[None, :] * B[:, None]  # exp(delta A) h_{s-1}
+            grad_log_decay = adjoint * previous
+            grad_A += grad_log_decay * delta[None, :]
+            grad_delta_u = tl.sum(adjoint * B[:, None], 0)
+            grad_delta = tl.sum(grad_log_decay * A, 0) * LN_2 + grad_delta_u * u
+            grad_u = grad_delta_u * delta + grad_y * D
+            if HAS_D:
+                grad_D += grad_y * u
+            if SOFTPLUS:
+                grad_delta = grad_delta * tl.sigmoid(delta_raw)
+            grad_delta = tl.where(valid, grad_delta, 0.0)
+            grad_bias += grad_delta
+            offsets = frame * s_gut + channels * s_guc
+            tl.store(grad_u_ptr + offsets, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_delta_ptr + offsets, grad_delta.to(grad_delta_ptr.dtype.element_ty), mask=mask)
+            adjoint = tl.math.exp2(delta[None, :] * A) * adjoint
 
     per_batch = batch * total_channels
-    tl.store(grad_A_ptr + per_batch * N + state_offsets, grad_A, mask=channel_mask[:, None])
+    tl.store(grad_A_ptr + per_batch * N + state_offsets, grad_A, mask=state_mask)
     tl.store(grad_D_ptr + per_batch + channels, grad_D, mask=channel_mask)
     tl.store(grad_bias_ptr + per_batch + channels, grad_bias, mask=channel_mask)
-    tl.store(grad_h0_ptr + per_batch * N + state_offsets, carry, mask=channel_mask[:, None])
+    tl.store(grad_h0_ptr + per_batch * N + state_offsets, adjoint, mask=state_mask)
 
 
 def _strides(tensor, count):
@@ -316,20 +287,21 @@ def directional_scan_fwd(
     batch, time, channels = u.shape
     dim, state = channels // directions, A.shape[1]
     bidirectional = directions == 2
-    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    # the kernels keep states and A as (state, channels): a warp's lanes read consecutive channels
+    h0 = initial_state.float().transpose(1, 2).contiguous() if initial_state is not None else None
     out = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if bidirectional else u.dtype)
-    last = u.new_empty(batch, channels, state, dtype=torch.float32)
-    chunks = triton.cdiv(time, BLOCK_T)
-    checkpoints = u.new_empty(batch, chunks, channels, state, dtype=torch.float32)
+    last = u.new_empty(batch, state, channels, dtype=torch.float32)
+    checkpoints = u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
     grid = (triton.cdiv(dim, FORWARD["BLOCK_D"]), batch, directions)
     _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, delta_bias, z, lengths, h0, out, last, checkpoints,
-        dim, chunks, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *out.stride(),
+        u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, h0, out, last, checkpoints,
+        dim, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *out.stride(),
+        *checkpoints.stride()[:3],
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
         HAS_H0=h0 is not None, ATOMIC_OUT=bidirectional, **FORWARD,
     )
-    return out.to(u.dtype), last, checkpoints
+    return out.to(u.dtype), last.transpose(1, 2).contiguous(), checkpoints
 
 
 @directional_scan_fwd.register_fake
@@ -338,7 +310,7 @@ def _(u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, s
     state = A.shape[1]
     out = u.new_empty(batch, time, channels // directions)
     last = u.new_empty(batch, channels, state, dtype=torch.float32)
-    return out, last, u.new_empty(batch, triton.cdiv(time, BLOCK_T), channels, state, dtype=torch.float32)
+    return out, last, u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
 
 
 @torch.library.custom_op("mamba_asr::directional_scan_bwd", mutates_args=())
@@ -360,16 +332,19 @@ def directional_scan_bwd(
     grad_z = None
     if z is not None:
         grad_z = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if bidirectional else z.dtype)
-    grad_A = u.new_empty(batch, channels, state, dtype=torch.float32)
+    grad_A = u.new_empty(batch, state, channels, dtype=torch.float32)
     grad_D = u.new_empty(batch, channels, dtype=torch.float32)
     grad_bias = torch.empty_like(grad_D)
     grad_h0 = torch.empty_like(grad_A)
+    block_d = BACKWARD["BLOCK_D"]
+    scratch = u.new_empty(blocks * batch * directions, BLOCK_T, state, block_d, dtype=torch.float32)
     _scan_bwd_kernel[(blocks, batch, directions)](
-        u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints, grad_out,
-        grad_last.float().contiguous() if grad_last is not None else None,
+        u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
+        grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None,
         grad_u, grad_delta, grad_B, grad_C, grad_z, grad_A, grad_D, grad_bias, grad_h0,
-        dim, checkpoints.shape[1],
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *grad_out.stride(),
+        dim,
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *checkpoints.stride()[:3],
+        *grad_out.stride(),
         *grad_u.stride(), *grad_B.stride(), *_strides(grad_z, 3),
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
@@ -379,13 +354,13 @@ def directional_scan_bwd(
     return (
         grad_u,
         grad_delta,
-        grad_A.sum(0),
+        grad_A.sum(0).t().contiguous(),
         grad_B.sum(0).to(B.dtype),
         grad_C.sum(0).to(C.dtype),
         grad_D.sum(0) if D is not None else empty,
         grad_bias.sum(0) if delta_bias is not None else empty,
         grad_z.to(z.dtype) if z is not None else empty,
-        grad_h0,
+        grad_h0.transpose(1, 2).contiguous(),
     )
 
 
@@ -394,15 +369,15 @@ def _(grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpo
       delta_softplus):
     empty = u.new_empty(0)
     batch, channels, state = u.shape[0], u.shape[2], A.shape[1]
-    return (
-        torch.empty_like(u),
-        torch.empty_like(delta),
-        torch.empty_like(A),
-        torch.empty_like(B),
-        torch.empty_like(C),
-        torch.empty_like(D) if D is not None else empty,
-        torch.empty_like(delta_bias) if delta_bias is not None else empty,
-        torch.empty_like(z) if z is not None else empty,
+    return (  # the real gradients are fresh contiguous tensors, whatever the inputs' strides
+        u.new_empty(u.shape),
+        delta.new_empty(delta.shape),
+        A.new_empty(A.shape),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
+        D.new_empty(D.shape) if D is not None else empty,
+        delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else empty,
+        z.new_empty(z.shape) if z is not None else empty,
         u.new_empty(batch, channels, state, dtype=torch.float32),
     )
 

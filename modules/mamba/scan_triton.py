@@ -135,25 +135,25 @@ def _scan_fwd_kernel(
     else:
         h = tl.zeros([N, BLOCK_D], tl.float32)
     # the loads of step s + 1 are issued before step s is computed
-    next_frame, next_valid = _frame(0, length, reverse)
-    u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, next_frame, next_valid, channels,
+    frame, valid = _frame(0, length, reverse)
+    u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels,
                                                     channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
     for step in range(0, length):
-        u, delta_raw, B, C, frame = u_next.to(tl.float32), delta_next, B_next.to(tl.float32), C_next, next_frame
-        next_frame, next_valid = _frame(step + 1, length, reverse)
-        u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, next_frame, next_valid,
-                                                        channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt,
-                                                        s_Bn, s_Ct, s_Cn)
+        u, delta_raw, B, C = u_next.to(tl.float32), delta_next, B_next.to(tl.float32), C_next.to(tl.float32)
+        this_frame = frame
+        frame, valid = _frame(step + 1, length, reverse)
+        u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels,
+                                                        channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
         if step % BLOCK_T == 0:
             tl.store(checkpoint_ptr + (step // BLOCK_T) * s_kk, h, mask=state_mask)
-        delta = _step_size(delta_raw, bias, True, SOFTPLUS)[0]
+        delta, _ = _step_size(delta_raw, bias, True, SOFTPLUS)
         h = tl.math.exp2(delta[None, :] * A) * h + (delta * u)[None, :] * B[:, None]
-        y = tl.sum(h * C.to(tl.float32)[:, None], 0) + D * u
+        y = tl.sum(h * C[:, None], 0) + D * u
         if HAS_Z:
-            z = tl.load(z_ptr + frame * s_zt + dims * s_zc, mask=channel_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + this_frame * s_zt + dims * s_zc, mask=channel_mask, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
         y = y * scale
-        out_offsets = out_ptr + frame * s_ot + dims * s_oc
+        out_offsets = out_ptr + this_frame * s_ot + dims * s_oc
         if ATOMIC_OUT:
             tl.atomic_add(out_offsets, y, mask=channel_mask, sem="relaxed")
         else:
@@ -214,34 +214,22 @@ def _scan_bwd_kernel(
     grad_bias = tl.zeros([BLOCK_D], tl.float32)
     for back in range(0, tl.cdiv(length, BLOCK_T)):
         first = (tl.cdiv(length, BLOCK_T) - 1 - back) * BLOCK_T
-        # recompute the chunk's states from its checkpoint; the loads of step k + 1 are issued before step k
+        # recompute the chunk's states from its checkpoint
         h = tl.load(checkpoint_ptr + (first // BLOCK_T) * s_kk, mask=state_mask, other=0.0)
-        next_frame, next_valid = _frame(first, length, reverse)
-        u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, next_frame, next_valid,
-                                                        channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc,
-                                                        s_Bt, s_Bn, s_Ct, s_Cn)
         for k in range(0, BLOCK_T):
-            u, delta_raw, B, valid = u_next, delta_next, B_next, next_valid
-            next_frame, next_valid = _frame(first + k + 1, length, reverse)
-            u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, next_frame, next_valid,
-                                                            channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc,
-                                                            s_Bt, s_Bn, s_Ct, s_Cn)
-            delta = _step_size(delta_raw, bias, valid, SOFTPLUS)[0]
+            frame, valid = _frame(first + k, length, reverse)
+            u, delta_raw, B, _ = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
+                                            states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+            delta, _ = _step_size(delta_raw, bias, valid, SOFTPLUS)
             h = tl.math.exp2(delta[None, :] * A) * h + (delta * u.to(tl.float32))[None, :] * B.to(tl.float32)[:, None]
             tl.store(scratch_ptr + k * N * BLOCK_D, h)
-        # walk it backwards: adjoint_s = C_s dy_s + exp(delta_{s+1} A) adjoint_{s+1}, prefetching as above
-        next_frame, next_valid = _frame(first + BLOCK_T - 1, length, reverse)
-        u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, next_frame, next_valid,
-                                                        channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc,
-                                                        s_Bt, s_Bn, s_Ct, s_Cn)
+        # walk it backwards: adjoint_s = C_s dy_s + exp(delta_{s+1} A) adjoint_{s+1}
         for k_back in range(0, BLOCK_T):
             k = BLOCK_T - 1 - k_back
-            u, delta_raw, B, C, frame, valid = u_next, delta_next, B_next, C_next, next_frame, next_valid
-            next_frame, next_valid = _frame(first + k - 1, length, reverse)
-            u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, next_frame, next_valid,
-                                                            channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc,
-                                                            s_Bt, s_Bn, s_Ct, s_Cn)
+            frame, valid = _frame(first + k, length, reverse)
             mask = channel_mask & valid
+            u, delta_raw, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
+                                            states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
             u, B, C = u.to(tl.float32), B.to(tl.float32), C.to(tl.float32)
             h = tl.load(scratch_ptr + k * N * BLOCK_D)
             delta, delta_raw = _step_size(delta_raw, bias, valid, SOFTPLUS)

@@ -99,6 +99,17 @@ def test_float32_matches_the_float64_reference_with_ragged_lengths(directions):
     check_against_reference(4, 37, 20, 4, directions, [37, 1, 16, 23], torch.float32, 1e-4)
 
 
+@pytest.mark.parametrize("directions", [1, 2])
+def test_states_split_over_programs_give_the_same_scan(directions, monkeypatch):
+    """With SPLIT > 1 several programs share a channel block, each scanning part of the states and
+    adding its partial sums (outputs, input gradients) into the same tensors."""
+    from modules.mamba import scan_triton
+
+    monkeypatch.setattr(scan_triton, "FORWARD", dict(scan_triton.FORWARD, SPLIT=4))
+    monkeypatch.setattr(scan_triton, "BACKWARD", dict(scan_triton.BACKWARD, SPLIT=2))
+    check_against_reference(3, 21, 40, 8, directions, [21, 1, 13], torch.float32, 1e-4, initial_state=True)
+
+
 def test_initial_state_in_and_final_state_out_carry_gradients():
     check_against_reference(3, 21, 8, 4, 1, [21, 5, 17], torch.float32, 1e-4, initial_state=True)
 

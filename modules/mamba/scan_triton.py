@@ -35,8 +35,8 @@ from torch import Tensor
 BLOCK_T = 16
 # Channels and warps per program of each pass, from `bench/scan_kernels.py --sweep`: one warp of 32
 # channels was the fastest at every shape.
-FORWARD = dict(BLOCK_D=32, num_warps=1)
-BACKWARD = dict(BLOCK_D=32, num_warps=1)
+FORWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
+BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
 LOG2_E = tl.constexpr(1.4426950408889634)
 LN_2 = tl.constexpr(0.6931471805599453)
 
@@ -107,21 +107,24 @@ def _scan_fwd_kernel(
     scale,
     N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_H0: tl.constexpr, ATOMIC_OUT: tl.constexpr,
+    HAS_H0: tl.constexpr, ATOMIC_OUT: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    block, batch, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # SPLIT programs share a channel block, each scanning N / SPLIT of its states
+    block, part = tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT
+    batch, direction = tl.program_id(1), tl.program_id(2)
     length = tl.load(lengths_ptr + batch).to(tl.int32)
     reverse = _is_reversed(direction, BIDIRECTIONAL)
     dims = block * BLOCK_D + tl.arange(0, BLOCK_D)
     channel_mask = dims < DIM
     channels = direction * DIM + dims  # into u, delta, A, D, bias and the states
-    states = tl.arange(0, N)
+    states = part * (N // SPLIT) + tl.arange(0, N // SPLIT)
     total_channels = DIM * (1 + BIDIRECTIONAL)
     # (N, BLOCK_D) into A and the states, stored (state, channels): lanes read consecutive channels
     state_offsets = states[:, None] * total_channels + channels[None, :]
     state_mask = channel_mask[None, :]
     A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, HAS_D,
                              HAS_BIAS)
+    D = tl.where(part == 0, D, 0.0)  # the parts' outputs are summed: one of them adds the D skip
     u_ptr += batch * s_ub
     delta_ptr += batch * s_db
     B_ptr += batch * s_Bb + direction * s_Bg
@@ -133,7 +136,7 @@ def _scan_fwd_kernel(
     if HAS_H0:
         h = tl.load(h0_ptr + batch * total_channels * N + state_offsets, mask=state_mask, other=0.0)
     else:
-        h = tl.zeros([N, BLOCK_D], tl.float32)
+        h = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)
     # the loads of step s + 1 are issued before step s is computed
     frame, valid = _frame(0, length, reverse)
     u_next, delta_next, B_next, C_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels,
@@ -174,20 +177,23 @@ def _scan_bwd_kernel(
     scale,
     N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_GRAD_LAST: tl.constexpr,
+    HAS_GRAD_LAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    block, batch, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # SPLIT programs share a channel block, each scanning N / SPLIT of its states
+    block, part = tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT
+    batch, direction = tl.program_id(1), tl.program_id(2)
     length = tl.load(lengths_ptr + batch).to(tl.int32)
     reverse = _is_reversed(direction, BIDIRECTIONAL)
     dims = block * BLOCK_D + tl.arange(0, BLOCK_D)
     channel_mask = dims < DIM
     channels = direction * DIM + dims
-    states = tl.arange(0, N)
+    states = part * (N // SPLIT) + tl.arange(0, N // SPLIT)
     total_channels = DIM * (1 + BIDIRECTIONAL)
     state_offsets = states[:, None] * total_channels + channels[None, :]
     state_mask = channel_mask[None, :]
     A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, HAS_D,
                              HAS_BIAS)
+    D = tl.where(part == 0, D, 0.0)  # the parts' outputs are summed: one of them adds the D skip
     u_ptr += batch * s_ub
     delta_ptr += batch * s_db
     B_ptr += batch * s_Bb + direction * s_Bg
@@ -201,15 +207,16 @@ def _scan_bwd_kernel(
     grad_delta_ptr += batch * s_gub
     # this program's states of one chunk, written by the recomputation and read back in reverse
     program = (direction * tl.num_programs(1) + batch) * tl.num_programs(0) + block
-    scratch_ptr += program * BLOCK_T * N * BLOCK_D + states[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    scratch_ptr += (program * BLOCK_T * (N // SPLIT) * BLOCK_D + tl.arange(0, N // SPLIT)[:, None] * BLOCK_D
+                    + tl.arange(0, BLOCK_D)[None, :])
     # B and C are shared by the channel blocks: each block writes its own partial sums, added by the caller
     grad_B_ptr += block * s_gBk + batch * s_gBb + direction * s_gBg
     grad_C_ptr += block * s_gBk + batch * s_gBb + direction * s_gBg
     if HAS_GRAD_LAST:
         adjoint = tl.load(grad_last_ptr + batch * total_channels * N + state_offsets, mask=state_mask, other=0.0)
     else:
-        adjoint = tl.zeros([N, BLOCK_D], tl.float32)  # dL/dh of the step after the one being processed
-    grad_A = tl.zeros([N, BLOCK_D], tl.float32)
+        adjoint = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)  # dL/dh of the step after the one being processed
+    grad_A = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)
     grad_D = tl.zeros([BLOCK_D], tl.float32)
     grad_bias = tl.zeros([BLOCK_D], tl.float32)
     for back in range(0, tl.cdiv(length, BLOCK_T)):
@@ -222,7 +229,7 @@ def _scan_bwd_kernel(
                                             states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
             delta, _ = _step_size(delta_raw, bias, valid, SOFTPLUS)
             h = tl.math.exp2(delta[None, :] * A) * h + (delta * u.to(tl.float32))[None, :] * B.to(tl.float32)[:, None]
-            tl.store(scratch_ptr + k * N * BLOCK_D, h)
+            tl.store(scratch_ptr + k * (N // SPLIT) * BLOCK_D, h)
         # walk it backwards: adjoint_s = C_s dy_s + exp(delta_{s+1} A) adjoint_{s+1}
         for k_back in range(0, BLOCK_T):
             k = BLOCK_T - 1 - k_back
@@ -231,7 +238,7 @@ def _scan_bwd_kernel(
             u, delta_raw, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
                                             states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
             u, B, C = u.to(tl.float32), B.to(tl.float32), C.to(tl.float32)
-            h = tl.load(scratch_ptr + k * N * BLOCK_D)
+            h = tl.load(scratch_ptr + k * (N // SPLIT) * BLOCK_D)
             delta, delta_raw = _step_size(delta_raw, bias, valid, SOFTPLUS)
             grad_y = tl.load(grad_out_ptr + frame * s_gt + dims * s_gc, mask=mask, other=0.0).to(tl.float32) * scale
             if HAS_Z:
@@ -240,7 +247,7 @@ def _scan_bwd_kernel(
                 y = tl.sum(h * C[:, None], 0) + D * u
                 grad_z = grad_y * y * sig * (1.0 + z * (1.0 - sig))
                 grad_z_offsets = grad_z_ptr + frame * s_gzt + dims * s_gzc
-                if BIDIRECTIONAL:
+                if BIDIRECTIONAL or SPLIT > 1:
                     tl.atomic_add(grad_z_offsets, grad_z, mask=mask, sem="relaxed")
                 else:
                     tl.store(grad_z_offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
@@ -262,14 +269,19 @@ def _scan_bwd_kernel(
             grad_delta = tl.where(valid, grad_delta, 0.0)
             grad_bias += grad_delta
             offsets = frame * s_gut + channels * s_guc
-            tl.store(grad_u_ptr + offsets, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
-            tl.store(grad_delta_ptr + offsets, grad_delta.to(grad_delta_ptr.dtype.element_ty), mask=mask)
+            if SPLIT > 1:  # sums over the states: each part adds its own
+                tl.atomic_add(grad_u_ptr + offsets, grad_u, mask=mask, sem="relaxed")
+                tl.atomic_add(grad_delta_ptr + offsets, grad_delta, mask=mask, sem="relaxed")
+            else:
+                tl.store(grad_u_ptr + offsets, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
+                tl.store(grad_delta_ptr + offsets, grad_delta.to(grad_delta_ptr.dtype.element_ty), mask=mask)
             adjoint = tl.math.exp2(delta[None, :] * A) * adjoint
 
     per_batch = batch * total_channels
     tl.store(grad_A_ptr + per_batch * N + state_offsets, grad_A, mask=state_mask)
-    tl.store(grad_D_ptr + per_batch + channels, grad_D, mask=channel_mask)
-    tl.store(grad_bias_ptr + per_batch + channels, grad_bias, mask=channel_mask)
+    tl.store(grad_D_ptr + per_batch + channels, grad_D, mask=channel_mask & (part == 0))
+    tl.store(grad_bias_ptr + part * tl.num_programs(1) * total_channels + per_batch + channels, grad_bias,
+             mask=channel_mask)
     tl.store(grad_h0_ptr + per_batch * N + state_offsets, adjoint, mask=state_mask)
 
 
@@ -289,17 +301,20 @@ def directional_scan_fwd(
     bidirectional = directions == 2
     # the kernels keep states and A as (state, channels): a warp's lanes read consecutive channels
     h0 = initial_state.float().transpose(1, 2).contiguous() if initial_state is not None else None
-    out = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if bidirectional else u.dtype)
+    split = min(FORWARD["SPLIT"], state)
+    atomic = bidirectional or split > 1  # several programs add into each output
+    out = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if atomic else u.dtype)
     last = u.new_empty(batch, state, channels, dtype=torch.float32)
     checkpoints = u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
-    grid = (triton.cdiv(dim, FORWARD["BLOCK_D"]), batch, directions)
+    grid = (triton.cdiv(dim, FORWARD["BLOCK_D"]) * split, batch, directions)
     _scan_fwd_kernel[grid](
         u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, h0, out, last, checkpoints,
         dim, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *out.stride(),
         *checkpoints.stride()[:3],
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
-        HAS_H0=h0 is not None, ATOMIC_OUT=bidirectional, **FORWARD,
+        HAS_H0=h0 is not None, ATOMIC_OUT=atomic, BLOCK_D=FORWARD["BLOCK_D"], num_warps=FORWARD["num_warps"],
+        SPLIT=split,
     )
     return out.to(u.dtype), last.transpose(1, 2).contiguous(), checkpoints
 
@@ -324,21 +339,22 @@ def directional_scan_bwd(
     batch, time, channels = u.shape
     dim, state = channels // directions, A.shape[1]
     bidirectional = directions == 2
-    blocks = triton.cdiv(dim, BACKWARD["BLOCK_D"])
-    grad_u = torch.zeros(batch, time, channels, device=u.device, dtype=u.dtype)
-    grad_delta = torch.zeros(batch, time, channels, device=u.device, dtype=delta.dtype)
+    block_d, split = BACKWARD["BLOCK_D"], min(BACKWARD["SPLIT"], state)
+    blocks = triton.cdiv(dim, block_d)
+    grad_u = torch.zeros(batch, time, channels, device=u.device, dtype=torch.float32 if split > 1 else u.dtype)
+    grad_delta = torch.zeros(batch, time, channels, device=u.device, dtype=torch.float32 if split > 1 else delta.dtype)
     grad_B = torch.zeros(blocks, batch, time, B.shape[2], state, device=u.device, dtype=torch.float32)
     grad_C = torch.zeros_like(grad_B)
     grad_z = None
     if z is not None:
-        grad_z = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if bidirectional else z.dtype)
+        atomic = bidirectional or split > 1
+        grad_z = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if atomic else z.dtype)
     grad_A = u.new_empty(batch, state, channels, dtype=torch.float32)
     grad_D = u.new_empty(batch, channels, dtype=torch.float32)
-    grad_bias = torch.empty_like(grad_D)
+    grad_bias = u.new_empty(split, batch, channels, dtype=torch.float32)  # one partial sum per part
     grad_h0 = torch.empty_like(grad_A)
-    block_d = BACKWARD["BLOCK_D"]
-    scratch = u.new_empty(blocks * batch * directions, BLOCK_T, state, block_d, dtype=torch.float32)
-    _scan_bwd_kernel[(blocks, batch, directions)](
+    scratch = u.new_empty(blocks * split * batch * directions, BLOCK_T, state // split, block_d, dtype=torch.float32)
+    _scan_bwd_kernel[(blocks * split, batch, directions)](
         u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
         grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None,
         grad_u, grad_delta, grad_B, grad_C, grad_z, grad_A, grad_D, grad_bias, grad_h0,
@@ -348,17 +364,17 @@ def directional_scan_bwd(
         *grad_u.stride(), *grad_B.stride(), *_strides(grad_z, 3),
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
-        HAS_GRAD_LAST=grad_last is not None, **BACKWARD,
+        HAS_GRAD_LAST=grad_last is not None, BLOCK_D=block_d, num_warps=BACKWARD["num_warps"], SPLIT=split,
     )
     empty = u.new_empty(0)
     return (
-        grad_u,
-        grad_delta,
+        grad_u.to(u.dtype),
+        grad_delta.to(delta.dtype),
         grad_A.sum(0).t().contiguous(),
         grad_B.sum(0).to(B.dtype),
         grad_C.sum(0).to(C.dtype),
         grad_D.sum(0) if D is not None else empty,
-        grad_bias.sum(0) if delta_bias is not None else empty,
+        grad_bias.sum((0, 1)) if delta_bias is not None else empty,
         grad_z.to(z.dtype) if z is not None else empty,
         grad_h0.transpose(1, 2).contiguous(),
     )

@@ -7,7 +7,7 @@ de-duplication; computed once and cached, for the training set at each speed of 
 (Mamba / Mamba-2, with or without speech prefixing, or a Transformer) -> cross-entropy on the text
 tokens and the end token.
 Validation reports the text-token accuracy; the best checkpoints by accuracy are averaged and the
-test sets are decoded by a batched beam search primed with the speech prefix (madeon.md 1-4).
+test sets are decoded by a batched beam search primed with the speech prefix (MADEON, arXiv 2411.06968).
 The model is chosen in the yaml file only.
 
 To run on LibriSpeech:
@@ -75,7 +75,7 @@ class DecoderOnlyASR(RecipeBrain):
 
     def compute_objectives(self, logits, batch, stage):
         """Label-smoothed cross-entropy on the text and end tokens, summed and divided by the batch
-        size (madeon.md 1.2); accuracy of those tokens; at test, decodes and updates the WER."""
+        size, as in MADEON; accuracy of those tokens; at test, decodes and updates the WER."""
         targets, target_lens = batch.targets
         padding = ~length_to_mask(target_lens * targets.shape[1], targets.shape[1]).bool()
         targets = targets.masked_fill(padding, IGNORE_INDEX)
@@ -184,7 +184,7 @@ def prepare_tokens(hparams):
     on disk. Returns the unit manifests (split name -> csv) and the tokenizer.
 
     The k-means and the SentencePiece model see the training set as recorded; the LM trains on its
-    speed-perturbed copies (madeon.md 1.1, 3).
+    speed-perturbed copies, as MADEON's recipe does.
     """
     manifests = {"valid": hparams["valid_csv"]}
     manifests.update({csv_name(path): path for path in hparams["test_csv"]})
@@ -238,7 +238,7 @@ if __name__ == "__main__":
     )
     asr_brain.tokenizer = tokenizer
 
-    # Batches are bounded in padded tokens, as ESPnet's length batches (madeon.md 4).
+    # Batches are bounded in padded tokens, as ESPnet's length batches (MADEON's recipe).
     train_loader_kwargs, valid_loader_kwargs = loader_options(
         hparams, train_data, valid_data, length_func=lambda row: len(encode(row["units"], row["wrd"]))
     )

@@ -1,6 +1,6 @@
 """One BiMamba layer: our one-scan bidirectional mixer against the reference-style two calls.
 
-The reference style (published ConMamba, performance.md) runs two ``mamba_ssm`` ``Mamba`` modules,
+The reference style (published ConMamba) runs two ``mamba_ssm`` ``Mamba`` modules,
 the second on the time-flipped input. Ours stacks both directions in one selective scan, eager and
 through ``torch.compile``. Prints the forward+backward time (median of 20 after 3 warm-ups, CUDA
 events) and peak memory, bf16 autocast, and the ratios to the two calls.

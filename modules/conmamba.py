@@ -1,6 +1,6 @@
 """ConMamba encoder: SpeechBrain's Conformer layer with attention replaced by a (Bi)Mamba mixer.
 
-Layer (conmamba.md 1.1), pre-LayerNorm macaron layout:
+Layer (Speech Slytherin, arXiv 2407.09732), pre-LayerNorm macaron layout:
 
     x = x + 0.5 * FFN(x)
     x = x + Mixer(LayerNorm(x))          # BiMamba; no dropout on this branch, as published
@@ -120,7 +120,7 @@ class ConMambaEncoder(nn.Module):
     ``forward`` has the signature and return value of SpeechBrain's ``ConformerEncoder`` so the two
     swap in a yaml; ``src_mask`` and ``pos_embs`` are accepted and unused (no attention, no positions).
 
-    ``xavier_init`` reproduces a quirk of the published recipe (conmamba.md 1.2): xavier-normal
+    ``xavier_init`` reproduces a quirk of the published recipe (github.com/xi-j/Mamba-ASR): xavier-normal
     initialisation of every parameter with more than one dimension, which also overwrites Mamba's
     ``A_log``. Off by default.
 

@@ -1,7 +1,7 @@
 """Batched beam search for decoder-only ASR: the speech prefix is the prompt, the text is generated.
 
 The search feeds ``<generatetext>`` after the prefix, then one token per step, until ``<eos>`` or
-``max_length`` tokens. It follows ESPnet's beam search as MADEON uses it (madeon.md 2.5): a hypothesis
+``max_length`` tokens. It follows ESPnet's beam search as MADEON's released recipe uses it: a hypothesis
 scores the sum of its token log-probabilities plus ``length_penalty`` per token (``<eos>`` included), with no
 length normalisation and no end detection; at each step the best ``beam_size`` continuations of the live
 hypotheses are kept, those ending in ``<eos>`` leave the beam, and the best finished hypothesis wins.

@@ -1,11 +1,11 @@
-"""MADEON: decoder-only ASR language models over one sequence of speech units and text (madeon.md 1-2).
+"""MADEON: decoder-only ASR language models over one sequence of speech units and text (arXiv 2411.06968).
 
 A training sequence is ``[<startofspeech>, s_1 .. s_K, <generatetext>, w_1 .. w_M]`` and the model
-predicts the text (and the end token) from everything before it. Pipeline (madeon.md 1.3):
+predicts the text (and the end token) from everything before it. Pipeline:
 
     Embedding -> embedding span masking (training) -> N residual pre-LN mixer blocks -> LayerNorm -> head
 
-*Speech prefixing* (madeon.md 2) makes the speech span bidirectional while the text stays causal: a
+*Speech prefixing* makes the speech span bidirectional while the text stays causal: a
 backward scan reads ``[<startofspeech>, s_K .. s_1, <generatetext>, w_1 ..]``, i.e. the sequence with
 positions 1 .. sp-1 reversed (speech token reversal, STR), and everything from ``<generatetext>`` on in
 time order. Two variants:
@@ -18,7 +18,7 @@ STR is a per-row gather along time (:func:`prefix_reversal_index`), not a flatte
 text is causal in both directions, decoding is recurrent: :meth:`MadeonLM.init_cache` scans the speech prefix
 once (both directions) and :meth:`MadeonLM.step` adds one token in O(1).
 
-:class:`TransformerDecoderOnly` is the Transformer baseline of madeon.md 1.4 (causal or prefix-LM).
+:class:`TransformerDecoderOnly` is the paper's Transformer baseline (causal or prefix-LM).
 """
 
 import math
@@ -51,7 +51,7 @@ def prefix_reversal_index(speech_end, time):
 
 
 class PrefixBiMamba(Mamba):
-    """MADEON's parallel speech-prefixing Mamba mixer (madeon.md 2.2): a BiMamba whose backward branch
+    """MADEON's parallel speech-prefixing Mamba mixer: a BiMamba whose backward branch
     reads the STR sequence, branches summed before the shared out_proj, and recurrent decoding.
 
     The cache holds four states, (conv, ssm) of the forward branch then of the backward branch. After
@@ -98,7 +98,7 @@ class PrefixBiMamba(Mamba):
 
 
 class PrefixBiMamba2(Mamba2):
-    """MADEON's parallel speech-prefixing Mamba-2 mixer (madeon.md 2.2); see :class:`PrefixBiMamba`."""
+    """MADEON's parallel speech-prefixing Mamba-2 mixer; see :class:`PrefixBiMamba`."""
 
     def __init__(self, d_model, **kwargs):
         super().__init__(d_model, bidirectional=True, combine="sum", **kwargs)
@@ -132,7 +132,7 @@ class PrefixBiMamba2(Mamba2):
 
 
 class ProjectionDropout(nn.Module):
-    """MADEON's ``projection_dropout_rate`` (madeon.md 1.3; arXiv 2411.06968 and its released configs), on
+    """MADEON's ``projection_dropout_rate`` (arXiv 2411.06968 and its released configs), on
     a (batch, time, channels) tensor. ``kind``:
 
     * ``"tokens"``: whole token positions (every channel of a frame), Mamba-1 on the in_proj output;
@@ -161,7 +161,7 @@ PROJECTION_DROPOUT = {Mamba: ("tokens", "channels"), Mamba2: ("elements", "eleme
 
 
 class ResidualBlock(nn.Module):
-    """x + Dropout(Mixer(LayerNorm(x))): a pure mixer block, no MLP (madeon.md 1.3).
+    """x + Dropout(Mixer(LayerNorm(x))): a pure mixer block, no MLP, as in MADEON.
 
     ``dropout`` is the published projection dropout (:class:`ProjectionDropout`): on the mixer's in_proj
     output (a forward hook, so the mixers stay the plain Mamba ones) and on the block's output, per
@@ -191,7 +191,7 @@ class ResidualBlock(nn.Module):
 
 
 class SerialBlock(nn.Module):
-    """Serial speech prefixing (madeon.md 2.3): a forward residual mixer, STR, a backward residual mixer, STR.
+    """Serial speech prefixing: a forward residual mixer, STR, a backward residual mixer, STR.
 
     Nothing is shared between the two mixers. The cache is the forward mixer's states followed by the
     backward mixer's; text tokens step through both in time order.
@@ -220,7 +220,7 @@ MIXERS = {"mamba": (Mamba, PrefixBiMamba), "mamba2": (Mamba2, PrefixBiMamba2)}
 
 
 class MadeonLM(nn.Module):
-    """Mamba / Mamba-2 decoder-only LM with optional speech prefixing (madeon.md 1.3, 2).
+    """Mamba / Mamba-2 decoder-only LM with optional speech prefixing.
 
     Arguments
     ---------
@@ -237,7 +237,7 @@ class MadeonLM(nn.Module):
         and on each block's output (:class:`ResidualBlock`, :class:`ProjectionDropout`).
     embedding_masking : nn.Module, optional
         Applied to the (batch, time, d_model) embeddings in training only, e.g. SpeechBrain's
-        ``SpectrogramDrop`` zeroing 5 spans of 2-4 tokens (madeon.md 1.3).
+        ``SpectrogramDrop`` zeroing 5 spans of 2-4 tokens (MADEON's setting).
 
     Example
     -------
@@ -280,7 +280,7 @@ class MadeonLM(nn.Module):
         self._rescale_init(num_blocks)
 
     def _rescale_init(self, num_blocks):
-        """GPT-2 style init of mamba_ssm (madeon.md 1.3, ``init_rescale``): embeddings N(0, 0.02), each
+        """GPT-2 style init of mamba_ssm (MADEON's ``init_rescale``): embeddings N(0, 0.02), each
         out_proj kaiming-uniform / sqrt(num_blocks) so the residual stream does not grow with depth."""
         nn.init.normal_(self.embedding.weight, std=0.02)
         for name, parameter in self.named_parameters():
@@ -344,7 +344,7 @@ def relative_position_bucket(relative_position, num_buckets=32, max_distance=128
 
 
 class TransformerDecoderOnly(nn.Module):
-    """Transformer decoder-only baseline (madeon.md 1.4), causal or prefix-LM.
+    """Transformer decoder-only baseline (arXiv 2411.06968, Section 5.1), causal or prefix-LM.
 
     Embedding -> span masking (training) -> input block (Linear, LayerNorm, dropout, ReLU) -> pre-LN
     Transformer layers (SpeechBrain's ``TransformerEncoder``) with a causal mask -> LayerNorm -> untied head

@@ -1,6 +1,6 @@
 """Mamba decoder of ConMamba ("ConMambaMamba"): self-Mamba + CrossMamba + FFN, with a recurrent cache.
 
-Layer (conmamba.md 1.4), pre-LayerNorm, dropout on every residual branch:
+Layer (arXiv 2407.09732), pre-LayerNorm, dropout on every residual branch:
 
     x = x + Dropout(SelfMamba(LayerNorm(x)))
     x = x + Dropout(CrossMamba(LayerNorm(x), memory))
@@ -12,7 +12,7 @@ state. The published code concatenates the padded memory and the target, which p
 utterance's memory padding between its memory and its target. Here each row is packed as
 [memory[:length], target, padding] by one gather, so a row's output does not depend on its batch.
 
-Because the mixers are causal, decoding is recurrent (DESIGN.md, decision 4): :meth:`MambaDecoder.init_cache`
+Because the mixers are causal, decoding is recurrent: :meth:`MambaDecoder.init_cache`
 scans each row's memory once, and :meth:`MambaDecoder.step` then costs O(1) in the prefix length.
 """
 

@@ -1,4 +1,4 @@
-"""Beam search with a recurrent decoder cache (DESIGN.md, decision 4).
+"""Beam search with a recurrent decoder cache.
 
 SpeechBrain's ``S2STransformerBeamSearcher`` re-runs the decoder on the whole prefix at every step,
 which for the Mamba decoder also re-scans the encoder memory: O(T + U) per step. Here the memory is

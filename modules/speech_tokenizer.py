@@ -1,4 +1,4 @@
-"""Discrete speech tokens for MADEON (madeon.md 1.1, 3), computed once and cached on disk.
+"""Discrete speech tokens for MADEON (arXiv 2411.06968), computed once and cached on disk.
 
     waveform -> features (SSL layer, CTC encoder layer or filterbanks) -> k-means unit per frame ->
     consecutive duplicates removed -> one character per unit, chr(0x4E00 + k) -> joint SentencePiece over
@@ -12,7 +12,7 @@
   training set never have to fit in memory.
 * :class:`SpeechUnitTokenizer`: fits the k-means on a fraction of the training set and writes, for each
   split csv, a copy with a ``units`` column, and for the training csv one copy per speed-perturbation
-  speed (madeon.md 3: the LM trains on three copies, 0.9/1.0/1.1). Everything lives in a folder named by
+  speed (MADEON's recipe trains the LM on three copies, 0.9/1.0/1.1). Everything lives in a folder named by
   a hash of the settings and of the training csv, so a second run (or another model with the same
   tokens) reuses it.
 * :func:`train_joint_sentencepiece`: one unigram vocabulary over ``<startofspeech>units<generatetext> text``
@@ -45,8 +45,8 @@ START_OF_TEXT, GENERATE_TEXT, START_OF_SPEECH, GENERATE_SPEECH = (
 )
 SPECIAL_SYMBOLS = [START_OF_TEXT, GENERATE_TEXT, START_OF_SPEECH, GENERATE_SPEECH]  # ESPnet's nlsyms order
 UNIT_CHARACTER_OFFSET = 0x4E00  # unit k is written chr(0x4E00 + k), a CJK ideograph
-# Names of the two training unit manifests: as recorded (the joint SentencePiece's text, madeon.md 1.1)
-# and its copies at every speed of speed perturbation (the LM's training data, madeon.md 3)
+# Names of the two training unit manifests: as recorded (the joint SentencePiece's text)
+# and its copies at every speed of speed perturbation (the LM's training data)
 TRAIN, SPEED_PERTURBED_TRAIN = "train", "train_sp"
 
 
@@ -95,7 +95,7 @@ class FbankFeatures(nn.Module):
 
 
 class SSLFeatures(nn.Module):
-    """Hidden states of one layer of a self-supervised model (e.g. WavLM-large layer 21, madeon.md 3).
+    """Hidden states of one layer of a self-supervised model (e.g. WavLM-large layer 21, as in MADEON).
 
     ``source`` is a HuggingFace hub name or a local folder; the model is built on first use, so that
     runs with cached tokens never load (or download) it.
@@ -389,7 +389,7 @@ def write_csv(rows, path):
 def train_joint_sentencepiece(
     units_csv, model_dir, vocab_size, text_repeats=4, max_piece_length=16, unk_index=0, eos_index=1
 ):
-    """One SentencePiece unigram vocabulary over speech units and text (madeon.md 1.1).
+    """One SentencePiece unigram vocabulary over speech units and text, as in MADEON's released recipe.
 
     Each training line is ``<startofspeech>units<generatetext> text`` with the (lower-cased) text
     ``text_repeats`` times. Ids: ``<unk>`` = 0, the end token ``</s>`` = 1, then the four special

@@ -46,7 +46,7 @@ def test_causal_encoder_output_never_depends_on_future_frames():
 
 
 def test_encoder_parameter_counts_match_published_encoders():
-    """conmamba.md 1.6: ConMamba encoders of S2S small/large (9.93 M / 81.92 M); the CTC model's
+    """ConMamba encoders of the published S2S small/large yamls (9.93 M / 81.92 M); the CTC model's
     31.56 M is checked on the whole yaml model in test_ctc_hparams."""
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert abs(count(ConMambaEncoder(12, 144, 1024)) / 9.93e6 - 1) < 0.005

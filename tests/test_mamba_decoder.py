@@ -64,7 +64,7 @@ def test_cached_decoding_equals_the_full_decoder_on_each_prefix_also_after_reord
 
 
 def test_small_conmambamamba_decoder_has_the_published_parameter_count():
-    """conmamba.md 1.6: 2.35 M in the decoder of S2S conmambamamba_small (d_model 144, 4 layers, d_ffn 1024).
+    """2.35 M in the decoder of the published S2S conmambamamba_small (d_model 144, 4 layers, d_ffn 1024).
 
     Per layer: 2 Mamba mixers (145,440 each) + FFN (296,080) + 3 LayerNorms (864); plus the final LayerNorm.
     """

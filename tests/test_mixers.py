@@ -12,7 +12,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def reference_bimamba(mixer, x):
-    """BiMamba v2 as published (conmamba.md 1.2), one unpadded utterance (1, time, d_model):
+    """BiMamba v2 as published (arXiv 2407.09732), one unpadded utterance (1, time, d_model):
     each direction is a separate sequential scan, the backward one on the time-flipped sequence."""
     x_in, z = mixer.in_proj(x).transpose(1, 2).chunk(2, dim=1)
     outputs = []

@@ -17,7 +17,7 @@ from recipe_runs import ROOT, count_parameters, yaml_top_level
 HPARAMS = os.path.join(ROOT, "hparams", "S2S")
 MODELS = ("conformer", "conmamba", "conmambamamba")
 
-# Parameter counts (millions) of the published yamls (conmamba.md 1.6; the paper prints 15.0 for
+# Parameter counts (millions) of the published yamls (github.com/xi-j/Mamba-ASR; arXiv 2407.09732 prints 15.0 for
 # the small ConMambaMamba, the published yaml builds 14.57).
 PARAMS_M = {
     "conformer_small.yaml": 13.33,
@@ -45,7 +45,7 @@ MODEL_KEYS = {
     "test_search",
 }
 
-# Batch and schedule of every model of a size: the published ConMamba values (conmamba.md 1.7).
+# Batch and schedule of every model of a size: the published ConMamba yamls' values.
 BATCH_SCHEDULE = {
     "small": {
         "max_batch_length_train": 900,
@@ -110,7 +110,7 @@ def test_demo_config_builds(model, tmp_path):
 
 def test_xavier_initialisation_spares_the_mamba_mixers(tmp_path):
     # SpeechBrain's TransformerASR initialises every matrix xavier-normal; the mixers keep Mamba's
-    # S4D initialisation A = -(1, ..., d_state) (conmamba.md 1.2).
+    # S4D initialisation A = -(1, ..., d_state).
     hparams = load("conmambamamba_small.yaml", tmp_path)
     mixers = [m for m in hparams["encoder_decoder"].modules() if isinstance(m, Mamba)]
     assert len(mixers) == 12 + 2 * 4  # one per encoder layer, two per decoder layer

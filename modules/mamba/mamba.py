@@ -2,7 +2,7 @@
 
 Parameter names follow ``mamba_ssm.modules.mamba_simple.Mamba`` (``in_proj, conv1d, x_proj, dt_proj,
 A_log, D, out_proj``) so that weights interchange. The bidirectional mixer is the "BiMamba v2" of
-ConMamba (conmamba.md 1.2): ``in_proj`` and ``out_proj`` are shared, the backward direction has its
+ConMamba (arXiv 2407.09732): ``in_proj`` and ``out_proj`` are shared, the backward direction has its
 own ``conv1d_b, x_proj_b, dt_proj_b, A_log_b, D_b``, and the two directions are averaged (or summed,
 ``combine``).
 
@@ -57,11 +57,11 @@ class Mamba(nn.Module):
     bidirectional : bool
         Adds a backward direction with its own conv/x_proj/dt_proj/A/D (ConMamba's BiMamba).
     default_init_backward_dt : bool
-        Paper quirk (conmamba.md 1.2): leave ``dt_proj_b`` at PyTorch's default Linear init, as the
+        Quirk of the published code: leave ``dt_proj_b`` at PyTorch's default Linear init, as the
         published code does, instead of Mamba's step-size init. Off by default.
     combine : "mean" or "sum"
-        How the two directions are combined before ``out_proj``: ConMamba averages them
-        (conmamba.md 1.2), MADEON's speech-prefixing mixer sums them (madeon.md 2.2).
+        How the two directions are combined before ``out_proj``: ConMamba averages them,
+        MADEON's speech-prefixing mixer sums them.
     scan_backend : str
         Which scan runs the whole-sequence forward: "auto" (our Triton kernel on a GPU, PyTorch
         elsewhere), "triton", "mamba_ssm", "torch" or "script"; see :mod:`.scan`.
@@ -129,7 +129,7 @@ class Mamba(nn.Module):
         ``cache``: a (conv_state, ssm_state) pair (unidirectional mixer only) to continue from; see
         :meth:`_forward_from_cache`. ``reverse_index`` (batch, time): a self-inverse time gather that
         feeds the backward direction instead of reversing each row inside ``lengths`` (MADEON reverses
-        only the speech prefix, madeon.md 2.1); see :meth:`_forward_reordered`. Returns (batch, time, d_model).
+        only the speech prefix); see :meth:`_forward_reordered`. Returns (batch, time, d_model).
         """
         if cache is not None:
             return self._forward_from_cache(hidden, lengths, cache)

@@ -3,7 +3,7 @@
 Parameter names follow ``mamba_ssm.modules.mamba2.Mamba2`` (``in_proj, conv1d, dt_bias, A_log, D,
 norm, out_proj``). Bidirectional: ``in_proj``/``out_proj`` (hence z, x, B, C and dt) are shared and the
 backward direction owns ``conv1d_b, dt_bias_b, A_log_b, D_b`` (the parallel speech-prefixing mixer of
-MADEON, madeon.md 2.2). Both directions run as one scan: reversed heads are stacked after the forward
+MADEON, arXiv 2411.06968). Both directions run as one scan: reversed heads are stacked after the forward
 heads and B/C enter as twice the groups.
 
 The unidirectional mixer decodes recurrently, like :class:`.mamba.Mamba`: :meth:`Mamba2.allocate_inference_cache`
@@ -46,11 +46,11 @@ class Mamba2(nn.Module):
         number of B/C groups.
     rmsnorm : bool
         Gated RMSNorm before ``out_proj`` (Mamba-2's default); without it the output is gated by
-        SiLU(z). MADEON turns it off (madeon.md 1.3).
+        SiLU(z). MADEON turns it off (arXiv 2411.06968, footnote 1).
     bidirectional : bool
         Adds a backward direction with its own conv1d/dt_bias/A/D.
     combine : "mean" or "sum"
-        How the two directions are combined: averaged (ConMamba) or summed (MADEON, madeon.md 2.2).
+        How the two directions are combined: averaged (ConMamba) or summed (MADEON).
 
     Example
     -------
@@ -113,7 +113,7 @@ class Mamba2(nn.Module):
         ``cache``: a (conv_state, ssm_state) pair (unidirectional mixer only) to continue from; see
         :meth:`_scan_from_cache`. ``reverse_index`` (batch, time): the self-inverse time gather that
         feeds the backward direction, instead of reversing each row inside ``lengths`` (MADEON
-        reverses only the speech prefix, madeon.md 2.1). Returns (batch, time, d_model).
+        reverses only the speech prefix). Returns (batch, time, d_model).
         """
         batch, time, _ = hidden.shape
         z, xBC, dt = self._project(hidden)

@@ -2,7 +2,7 @@
 
 Flipping a right-padded batch puts each short utterance's padding *before* its frames, so a backward
 scan would read padding first and its outputs would depend on the rest of the batch. Instead each row
-is reversed inside its own valid length and padding stays where it is (DESIGN.md, decision 2).
+is reversed inside its own valid length and padding stays where it is (README, "Batch invariance").
 """
 
 import torch

@@ -79,7 +79,7 @@ class PrefixBiMamba(Mamba):
         y = y + reverse_time(y_backward, reverse_index, dim=2)
         return self.out_proj((y * F.silu(z)).transpose(1, 2))
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+    def allocate_cache(self, batch_size, dtype=None, device=None):
         """Zero (conv, ssm) states of the forward then the backward branch, as :class:`Mamba`'s."""
         device = device or self.conv1d.weight.device
         d_conv = self.conv1d.weight.shape[-1]
@@ -119,7 +119,7 @@ class PrefixBiMamba2(Mamba2):
         y_backward = self._scan_from_cache(xBC_backward, dt_backward, lengths, *cache[2:], suffix="_b")
         return self._output(y + reverse_time(y_backward, reverse_index, dim=1), z)
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+    def allocate_cache(self, batch_size, dtype=None, device=None):
         """Zero (conv, ssm) states of the forward then the backward branch."""
         return self._direction_cache(batch_size, dtype, device) + self._direction_cache(batch_size, dtype, device)
 
@@ -184,7 +184,7 @@ class ResidualBlock(nn.Module):
         return x + self.dropout(self.mixer(self.norm(x), lengths=lengths, cache=cache, reverse_index=reverse_index))
 
     def allocate_cache(self, batch_size):
-        return self.mixer.allocate_inference_cache(batch_size)
+        return self.mixer.allocate_cache(batch_size)
 
     def step(self, x, cache):
         return x + self.mixer.step(self.norm(x), cache)

@@ -10,7 +10,7 @@ Both directions run as *one* scan (:func:`.scan.directional_scan`): the backward
 backwards inside each utterance's own length, its convolution is the anti-causal mirror of the
 forward one, and the gate SiLU(z) and the mean of the directions are applied inside the scan.
 
-The unidirectional mixer also decodes recurrently, like ``mamba_ssm``: :meth:`Mamba.allocate_inference_cache`
+The unidirectional mixer also decodes recurrently, like ``mamba_ssm``: :meth:`Mamba.allocate_cache`
 makes a (conv_state, ssm_state) pair, ``forward(..., cache=...)`` scans a prefix in parallel from it and
 leaves each row's state after its own last valid frame there, and :meth:`Mamba.step` adds one token in O(1).
 """
@@ -213,8 +213,8 @@ class Mamba(nn.Module):
             y = 0.5 * y
         return self.out_proj((y * F.silu(z.transpose(1, 2))).transpose(1, 2))
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
-        """Zero states for recurrent decoding, as in ``mamba_ssm``.
+    def allocate_cache(self, batch_size, dtype=None, device=None):
+        """Zero states for recurrent decoding, as ``mamba_ssm``'s ``allocate_inference_cache``.
 
         Returns conv_state (batch, d_inner, d_conv), the last d_conv inputs of the convolution (newest
         last), in the convolution's dtype; and ssm_state (batch, d_inner, d_state) in ``dt_proj``'s dtype

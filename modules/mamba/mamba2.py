@@ -6,7 +6,7 @@ backward direction owns ``conv1d_b, dt_bias_b, A_log_b, D_b`` (the parallel spee
 MADEON, madeon.md 2.2). Both directions run as one scan: reversed heads are stacked after the forward
 heads and B/C enter as twice the groups.
 
-The unidirectional mixer decodes recurrently, like :class:`.mamba.Mamba`: :meth:`Mamba2.allocate_inference_cache`
+The unidirectional mixer decodes recurrently, like :class:`.mamba.Mamba`: :meth:`Mamba2.allocate_cache`
 makes a (conv_state, ssm_state) pair, ``forward(..., cache=...)`` scans a prefix in parallel from it and
 leaves each row's state after its own last valid frame there, and :meth:`Mamba2.step` adds one token in O(1).
 """
@@ -173,8 +173,8 @@ class Mamba2(nn.Module):
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return self.out_proj(y.to(z.dtype))
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
-        """Zero states for recurrent decoding, as in ``mamba_ssm``.
+    def allocate_cache(self, batch_size, dtype=None, device=None):
+        """Zero states for recurrent decoding, as ``mamba_ssm``'s ``allocate_inference_cache``.
 
         Returns conv_state (batch, conv_dim, d_conv), the last d_conv inputs of the convolution (newest
         last), in the convolution's dtype; and ssm_state (batch, heads, headdim, d_state) in float32

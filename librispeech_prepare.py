@@ -30,6 +30,8 @@ import unicodedata
 
 import soundfile
 
+from modules.checkpointing import atomic_write
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -136,7 +138,8 @@ def prepare_librispeech(
         _write_csv(os.path.join(save_folder, merge_csv), merged)
         logger.info("%s: merged %s.", merge_csv, ", ".join(merge_lst))
 
-    _atomic_write(options_path, lambda f: json.dump(options, f, indent=2))
+    with atomic_write(options_path, newline="") as f:
+        json.dump(options, f, indent=2)
 
 
 def _per_split(select_n_sentences, splits):
@@ -324,25 +327,12 @@ def _read_duration(wav):
 
 
 def _write_csv(path, rows):
-    """Write a manifest with its header."""
-
-    def write(f):
+    """Write a manifest with its header (atomically: an interrupted run never
+    leaves a half-written file under ``path``)."""
+    with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_HEADER)
         writer.writerows(rows)
-
-    _atomic_write(path, write)
-
-
-def _atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file, then rename it to ``path``.
-
-    An interrupted run thus never leaves a half-written file under ``path``.
-    """
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", newline="", encoding="utf-8") as f:
-        write(f)
-    os.replace(tmp_path, path)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ CSV_HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
 OPTIONS_FILE = "librispeech_prepare.json"
 # Below this many files, a process pool costs more than it saves.
 PARALLEL_MIN_FILES = 2000
-# LibriSpeech's transcripts are words of these characters: the alphabet of the character tokenizers
-ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'"
 APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 
 
@@ -258,7 +256,7 @@ def normalize_transcript(text):
     Other characters (digits, punctuation, other scripts) are kept: a character
     tokenizer cannot fit them in the output layer, and the recipes then stop at
     start-up naming them and a transcript that has them. Write them out in
-    ALPHABET (``42`` -> ``FORTY TWO``).
+    ``modules.text_tokenizer.ALPHABET`` (``42`` -> ``FORTY TWO``).
     """
     text = unicodedata.normalize("NFKD", text.translate(APOSTROPHES))
     text = "".join(char for char in text if not unicodedata.combining(char))

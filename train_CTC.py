@@ -26,6 +26,7 @@ import speechbrain as sb
 from speechbrain.utils.distributed import run_on_main
 
 from modules.front_end import encoder_input
+from librispeech_prepare import prepare_librispeech
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.ngram import prepare_ngram_lm
@@ -187,7 +188,7 @@ if __name__ == "__main__":
         overrides=overrides,
     )
 
-    prepare_manifests(hparams)
+    prepare_manifests(hparams, prepare_librispeech)
     tokenizer = train_tokenizer(hparams)  # characters in the published CTC configs
     train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)  # checks the manifests
     if hparams["ngram_lm_file"]:  # the word LM of the test beam search

@@ -32,6 +32,7 @@ from speechbrain.decoders.scorer import ScorerBuilder
 from speechbrain.utils.distributed import run_on_main
 
 from modules.front_end import encoder_input
+from librispeech_prepare import prepare_librispeech
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.recipe import (
@@ -246,7 +247,7 @@ if __name__ == "__main__":
         overrides=overrides,
     )
 
-    prepare_manifests(hparams)
+    prepare_manifests(hparams, prepare_librispeech)
     tokenizer = train_tokenizer(hparams)  # unigram subwords in the published configs
     train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 

@@ -30,6 +30,7 @@ import speechbrain as sb
 from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.utils.distributed import run_on_main
 
+from librispeech_prepare import prepare_librispeech
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.recipe import (
@@ -221,7 +222,7 @@ if __name__ == "__main__":
     )
 
     # Manifests, speech units and the tokenizer are made on the main process; all find them on disk.
-    prepare_manifests(hparams)
+    prepare_manifests(hparams, prepare_librispeech)
     run_on_main(prepare_tokens, kwargs={"hparams": hparams})
     unit_csvs, tokenizer = prepare_tokens(hparams)
     if tokenizer.sp.piece_to_id(GENERATE_TEXT) != hparams["generate_text_index"]:

@@ -17,10 +17,9 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from librispeech_prepare import ALPHABET, prepare_librispeech
 from modules.checkpointing import average_checkpoints
 from modules.data_checks import BadDataError, collate_readable, load_manifest, read_checked_audio, read_manifest
-from modules.text_tokenizer import train_sentencepiece
+from modules.text_tokenizer import ALPHABET, train_sentencepiece
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
@@ -153,14 +152,18 @@ class RecipeBrain(sb.Brain):
                 self.wer_metric.write_stats(w)
 
 
-def prepare_manifests(hparams):
+def prepare_manifests(hparams, prepare):
     """One csv per split of ``data_folder`` (training splits merged into train.csv), on the main process.
+
+    ``prepare`` is the data preparation function, with the keyword arguments of SpeechBrain's LibriSpeech
+    recipes: the train script imports it from its prepare script (``librispeech_prepare.prepare_librispeech``),
+    SpeechBrain's convention, so that nothing under ``modules/`` imports a script of the repository's root.
 
     A ``valid_csv`` that is none of the dev splits' csvs (e.g. ``dev.csv`` next to ``dev-clean.csv`` and
     ``dev-other.csv``) is written as all the dev splits merged: MADEON validates on both (arXiv 2411.06968).
     """
     run_on_main(
-        prepare_librispeech,
+        prepare,
         kwargs={
             "data_folder": hparams["data_folder"],
             "save_folder": hparams["output_folder"],

@@ -21,6 +21,8 @@ from modules.checkpointing import atomic_write
 logger = logging.getLogger(__name__)
 
 TRAINER_LOG_LEVEL = 2  # SentencePiece's minloglevel: errors only, no trainer dump
+# LibriSpeech's transcripts are words of these characters: the alphabet of the character tokenizers
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'"
 
 
 def train_sentencepiece(lines, model_dir, vocab_size, model_type, text_name="train.txt", **trainer_options):

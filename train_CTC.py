@@ -60,6 +60,8 @@ REQUIRED_HPARAMS = """
 class ASR(RecipeBrain):
     """CTC training, greedy validation and beam-search testing."""
 
+    best_key = {"min_key": "WER"}
+
     def compute_forward(self, batch, stage):
         """Waveforms -> CTC log-probabilities (B, T, output_neurons)."""
         batch = batch.to(self.device)
@@ -108,44 +110,15 @@ class ASR(RecipeBrain):
 
         return loss
 
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Updates the Noam learning rate after each optimizer step."""
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
     def on_stage_start(self, stage, epoch):
         """Fresh WER/CER trackers for each validation or test pass."""
         if stage != sb.Stage.TRAIN:
             self.wer_metric = self.hparams.error_rate_computer()
             self.cer_metric = self.hparams.cer_computer()
 
-    def on_stage_end(self, stage, stage_loss, epoch):
-        """Logs statistics, keeps the best checkpoints, writes test WER."""
-        stage_stats = {"loss": stage_loss}
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = stage_stats
-            return
-
-        stage_stats["CER"] = self.cer_metric.summarize("error_rate")
-        stage_stats["WER"] = self.wer_metric.summarize("error_rate")
-
-        if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={
-                    "epoch": epoch,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "steps": self.optimizer_step,
-                },
-                train_stats=self.train_stats,
-                valid_stats=stage_stats,
-            )
-            self.checkpointer.save_and_keep_only(
-                meta={"WER": stage_stats["WER"], "epoch": epoch},
-                min_keys=["WER"],
-                num_to_keep=self.hparams.avg_checkpoints,
-            )
-        else:
-            self.log_test_stats(stage_stats)
+    def evaluation_stats(self, stage):
+        """CER and WER of the pass."""
+        return {"CER": self.cer_metric.summarize("error_rate"), "WER": self.wer_metric.summarize("error_rate")}
 
 
 def dataio_prepare(hparams, tokenizer):
@@ -213,5 +186,5 @@ if __name__ == "__main__":
         train_loader_kwargs=train_loader_kwargs,
         valid_loader_kwargs=valid_loader_kwargs,
     )
-    evaluate_test_sets(asr_brain, hparams, test_datasets, min_key="WER")
+    evaluate_test_sets(asr_brain, hparams, test_datasets)
     run_on_main(export_inference_folder, args=[hparams, "CTC", tokenizer.prefix_model_file + ".model"])

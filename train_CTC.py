@@ -51,7 +51,7 @@ REQUIRED_HPARAMS = """
     dynamic_batch_sampler_valid dynamic_batching eos_index epoch_counter error_rate_computer
     fea_augment log_softmax max_duration model model_opt_class modules ngram_lm_file ngram_order noam_annealing
     num_workers output_folder output_neurons sample_rate select_n_sentences skip_prep sorting
-    speed_perturb test_csv test_dataloader_opts test_searcher test_splits token_type
+    speed_perturb test_csv test_dataloader_opts test_search test_splits token_type
     tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
     valid_dataloader_opts
 """.split()
@@ -101,7 +101,7 @@ class ASR(RecipeBrain):
                 )
                 texts = [self.tokenizer.sp.decode_ids(h) for h in hyps]
             else:
-                hyps = self.test_searcher(p_ctc, enc_lens)
+                hyps = self.test_search(p_ctc, enc_lens)
                 texts = [nbest[0].text for nbest in hyps]
             predicted_words = [text.split() for text in texts]
             target_words = [wrd.split() for wrd in batch.wrd]
@@ -176,7 +176,7 @@ if __name__ == "__main__":
     )
     asr_brain.tokenizer = tokenizer
     vocab_list = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.sp.vocab_size())]
-    asr_brain.test_searcher = hparams["test_searcher"](vocab_list=vocab_list)
+    asr_brain.build_test_search(vocab_list=vocab_list)
 
     train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
     asr_brain.fit(

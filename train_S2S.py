@@ -234,9 +234,7 @@ if __name__ == "__main__":
         checkpointer=hparams["checkpointer"],
     )
     asr_brain.tokenizer = tokenizer
-    asr_brain.test_search = hparams["test_search"](
-        scorer=build_test_scorer(hparams, asr_brain.device)
-    )
+    asr_brain.build_test_search(scorer=build_test_scorer(hparams, asr_brain.device))
 
     train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
     asr_brain.fit(

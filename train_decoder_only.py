@@ -97,7 +97,7 @@ class DecoderOnlyASR(RecipeBrain):
         if stage == sb.Stage.TEST:
             prefix, prefix_lens = batch.prefix
             lengths = (prefix_lens * prefix.shape[1]).round().long()
-            hyps, _ = self.hparams.test_search(prefix, lengths)
+            hyps, _ = self.test_search(prefix, lengths)
             predicted_words = [self.tokenizer.sp.decode_ids(hyp).split() for hyp in hyps]
             target_words = [words.split() for words in batch.words]
             self.wer_metric.append(batch.id, predicted_words, target_words)
@@ -215,6 +215,7 @@ if __name__ == "__main__":
         checkpointer=hparams["checkpointer"],
     )
     asr_brain.tokenizer = tokenizer
+    asr_brain.build_test_search()
 
     # Batches are bounded in padded tokens, as ESPnet's length batches (madeon.md 4).
     train_loader_kwargs, valid_loader_kwargs = loader_options(

@@ -140,6 +140,13 @@ class RecipeBrain(sb.Brain):
         if should_step:
             self.hparams.noam_annealing(self.optimizer)
 
+    def build_test_search(self, **run_time_arguments):
+        """The recipe's test searcher, ``self.test_search``: the yaml's ``test_search`` (a ``!name:``
+        searcher with its options, wired in the yaml as the models are) completed with what exists only
+        at run time: the tokenizer's vocabulary (CTC), the scorer with its optional LM (S2S), nothing
+        (decoder-only)."""
+        self.test_search = self.hparams.test_search(**run_time_arguments)
+
     def evaluation_stats(self, stage):
         """The statistics of a validation or test pass besides the loss, {name: value} (the recipe's)."""
         raise NotImplementedError

@@ -136,7 +136,8 @@ def audio_problem(wav, sample_rate):
     try:
         info = soundfile.info(wav)
     except RuntimeError as error:
-        return None, f"audio file {wav} " + ("is missing" if not os.path.isfile(wav) else f"cannot be decoded ({error})")
+        problem = "is missing" if not os.path.isfile(wav) else f"cannot be decoded ({error})"
+        return None, f"audio file {wav} {problem}"
     if info.samplerate != sample_rate:
         return None, (
             f"audio file {wav} is sampled at {info.samplerate} Hz, not {sample_rate} Hz "

@@ -28,7 +28,8 @@ import multiprocessing
 import os
 import unicodedata
 
-import soundfile
+from modules.checkpointing import atomic_write
+from modules.data_checks import BadDataError, audio_problem, check_policy
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,12 @@ CSV_HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
 OPTIONS_FILE = "librispeech_prepare.json"
 # Below this many files, a process pool costs more than it saves.
 PARALLEL_MIN_FILES = 2000
-# LibriSpeech's transcripts are words of these characters: the alphabet of the character tokenizers
-ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'"
 APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 
 
-class DataPreparationError(ValueError):
-    """The corpus on disk cannot be turned into manifests as it is."""
+# The corpus on disk cannot be turned into manifests as it is: the bad-data error of training
+# (modules/data_checks.py), under the name this script has always raised.
+DataPreparationError = BadDataError
 
 
 def prepare_librispeech(
@@ -86,15 +86,14 @@ def prepare_librispeech(
     ------
     FileNotFoundError
         If ``data_folder`` or a split folder does not exist.
-    DataPreparationError
+    BadDataError
         With ``bad_data="fail"``, if a transcript or audio file is missing,
         empty, unreadable or not sampled at 16 kHz; the message names the
         file and how to fix it.
     """
     if skip_prep:
         return
-    if bad_data not in ("fail", "skip"):
-        raise ValueError(f"bad_data must be fail or skip, not {bad_data!r}")
+    check_policy(bad_data)
     splits = list(tr_splits) + list(dev_splits) + list(te_splits)
     n_sentences = _per_split(select_n_sentences, splits)
     merge_lst = list(merge_lst)
@@ -136,7 +135,8 @@ def prepare_librispeech(
         _write_csv(os.path.join(save_folder, merge_csv), merged)
         logger.info("%s: merged %s.", merge_csv, ", ".join(merge_lst))
 
-    _atomic_write(options_path, lambda f: json.dump(options, f, indent=2))
+    with atomic_write(options_path, newline="") as f:
+        json.dump(options, f, indent=2)
 
 
 def _per_split(select_n_sentences, splits):
@@ -205,13 +205,13 @@ def _check_split_folders(data_folder, splits):
 def _split_rows(split_folder, n_sentences=None, bad_data="fail"):
     """Return the manifest rows ``[ID, duration, wav, spk_id, wrd]`` of a split.
 
-    An utterance that cannot be trained on raises DataPreparationError, or is
+    An utterance that cannot be trained on raises BadDataError, or is
     left out with a warning naming its file if ``bad_data`` is ``"skip"``.
     """
     pattern = os.path.join(split_folder, "*", "*", "*.trans.txt")
     trans_files = sorted(glob.glob(pattern))
     if not trans_files:
-        raise DataPreparationError(
+        raise BadDataError(
             f"No transcript found in {split_folder} (looked for {pattern}): "
             "is it a LibriSpeech split folder?"
         )
@@ -219,7 +219,7 @@ def _split_rows(split_folder, n_sentences=None, bad_data="fail"):
     utterances, problems = [], []
     for trans_file in trans_files:
         for utterance in _read_transcripts(trans_file):
-            if isinstance(utterance, DataPreparationError):
+            if isinstance(utterance, BadDataError):
                 _raise_or_collect(utterance, bad_data, problems)
             else:
                 utterances.append(utterance)
@@ -229,7 +229,7 @@ def _split_rows(split_folder, n_sentences=None, bad_data="fail"):
     durations = _read_durations([wav for _, wav, _, _ in utterances])
     rows = []
     for (utt_id, wav, spk_id, words), duration in zip(utterances, durations):
-        if isinstance(duration, DataPreparationError):
+        if isinstance(duration, BadDataError):
             _raise_or_collect(duration, bad_data, problems)
         else:
             rows.append([utt_id, duration, wav, spk_id, words])
@@ -256,7 +256,7 @@ def normalize_transcript(text):
     Other characters (digits, punctuation, other scripts) are kept: a character
     tokenizer cannot fit them in the output layer, and the recipes then stop at
     start-up naming them and a transcript that has them. Write them out in
-    ALPHABET (``42`` -> ``FORTY TWO``).
+    ``modules.text_tokenizer.ALPHABET`` (``42`` -> ``FORTY TWO``).
     """
     text = unicodedata.normalize("NFKD", text.translate(APOSTROPHES))
     text = "".join(char for char in text if not unicodedata.combining(char))
@@ -265,7 +265,7 @@ def normalize_transcript(text):
 
 def _read_transcripts(trans_file):
     """Return ``(ID, wav, spk_id, wrd)`` for each line of a chapter transcript,
-    or a DataPreparationError for a line without words or audio."""
+    or a BadDataError for a line without words or audio."""
     chapter_folder = os.path.dirname(os.path.abspath(trans_file))
     spk_id = os.path.basename(os.path.dirname(chapter_folder))
     utterances = []
@@ -277,12 +277,12 @@ def _read_transcripts(trans_file):
             words = normalize_transcript(words)
             wav = os.path.join(chapter_folder, f"{utt_id}.flac")
             if not words:
-                utterances.append(DataPreparationError(
+                utterances.append(BadDataError(
                     f"Empty transcript for {utt_id} in {trans_file}, line "
                     f"{line_number}: add the text or remove the line."
                 ))
             elif not os.path.isfile(wav):
-                utterances.append(DataPreparationError(
+                utterances.append(BadDataError(
                     f"{trans_file}, line {line_number}: audio file {wav} is "
                     "missing. Restore it or remove the line."
                 ))
@@ -292,7 +292,7 @@ def _read_transcripts(trans_file):
 
 
 def _read_durations(wavs):
-    """Return the duration in seconds (or a DataPreparationError) of each of
+    """Return the duration in seconds (or a BadDataError) of each of
     ``wavs``, in parallel for big corpora."""
     processes = min(os.cpu_count() or 1, len(wavs) // PARALLEL_MIN_FILES)
     if processes < 2:
@@ -302,47 +302,24 @@ def _read_durations(wavs):
 
 
 def _read_duration(wav):
-    """Return the duration of one audio file, or a DataPreparationError if it
-    is not readable, non-empty 16 kHz audio."""
-    try:
-        info = soundfile.info(wav)
-    except RuntimeError as error:
-        return DataPreparationError(
-            f"Cannot read audio file {wav} ({error}): replace it with a valid "
-            "FLAC file or remove its transcript line."
-        )
-    if info.samplerate != SAMPLE_RATE:
-        return DataPreparationError(
-            f"Audio file {wav} is sampled at {info.samplerate} Hz, not "
-            f"{SAMPLE_RATE} Hz: resample it, e.g. sox in.flac -r 16000 out.flac."
-        )
-    if info.frames == 0:
-        return DataPreparationError(
-            f"Audio file {wav} is empty: replace it or remove its transcript line."
-        )
-    return info.frames / info.samplerate
+    """Return the duration of one audio file, or a BadDataError if it
+    is not readable, non-empty 16 kHz audio (the check of training,
+    ``modules.data_checks.audio_problem``)."""
+    duration, problem = audio_problem(wav, SAMPLE_RATE)
+    if problem is None:
+        return duration
+    return BadDataError(
+        f"{problem[0].upper()}{problem[1:]}. Fix or replace it, or remove its transcript line."
+    )
 
 
 def _write_csv(path, rows):
-    """Write a manifest with its header."""
-
-    def write(f):
+    """Write a manifest with its header (atomically: an interrupted run never
+    leaves a half-written file under ``path``)."""
+    with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_HEADER)
         writer.writerows(rows)
-
-    _atomic_write(path, write)
-
-
-def _atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file, then rename it to ``path``.
-
-    An interrupted run thus never leaves a half-written file under ``path``.
-    """
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", newline="", encoding="utf-8") as f:
-        write(f)
-    os.replace(tmp_path, path)
 
 
 if __name__ == "__main__":

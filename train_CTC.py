@@ -26,6 +26,7 @@ import speechbrain as sb
 from speechbrain.utils.distributed import run_on_main
 
 from modules.front_end import encoder_input
+from librispeech_prepare import prepare_librispeech
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.ngram import prepare_ngram_lm
@@ -50,7 +51,7 @@ REQUIRED_HPARAMS = """
     dynamic_batch_sampler_valid dynamic_batching eos_index epoch_counter error_rate_computer
     fea_augment log_softmax max_duration model model_opt_class modules ngram_lm_file ngram_order noam_annealing
     num_workers output_folder output_neurons sample_rate select_n_sentences skip_prep sorting
-    speed_perturb test_csv test_dataloader_opts test_searcher test_splits token_type
+    speed_perturb test_csv test_dataloader_opts test_search test_splits token_type
     tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
     valid_dataloader_opts
 """.split()
@@ -58,6 +59,8 @@ REQUIRED_HPARAMS = """
 
 class ASR(RecipeBrain):
     """CTC training, greedy validation and beam-search testing."""
+
+    best_key = {"min_key": "WER"}
 
     def compute_forward(self, batch, stage):
         """Waveforms -> CTC log-probabilities (B, T, output_neurons)."""
@@ -98,7 +101,7 @@ class ASR(RecipeBrain):
                 )
                 texts = [self.tokenizer.sp.decode_ids(h) for h in hyps]
             else:
-                hyps = self.test_searcher(p_ctc, enc_lens)
+                hyps = self.test_search(p_ctc, enc_lens)
                 texts = [nbest[0].text for nbest in hyps]
             predicted_words = [text.split() for text in texts]
             target_words = [wrd.split() for wrd in batch.wrd]
@@ -107,44 +110,15 @@ class ASR(RecipeBrain):
 
         return loss
 
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Updates the Noam learning rate after each optimizer step."""
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
     def on_stage_start(self, stage, epoch):
         """Fresh WER/CER trackers for each validation or test pass."""
         if stage != sb.Stage.TRAIN:
             self.wer_metric = self.hparams.error_rate_computer()
             self.cer_metric = self.hparams.cer_computer()
 
-    def on_stage_end(self, stage, stage_loss, epoch):
-        """Logs statistics, keeps the best checkpoints, writes test WER."""
-        stage_stats = {"loss": stage_loss}
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = stage_stats
-            return
-
-        stage_stats["CER"] = self.cer_metric.summarize("error_rate")
-        stage_stats["WER"] = self.wer_metric.summarize("error_rate")
-
-        if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={
-                    "epoch": epoch,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "steps": self.optimizer_step,
-                },
-                train_stats=self.train_stats,
-                valid_stats=stage_stats,
-            )
-            self.checkpointer.save_and_keep_only(
-                meta={"WER": stage_stats["WER"], "epoch": epoch},
-                min_keys=["WER"],
-                num_to_keep=self.hparams.avg_checkpoints,
-            )
-        else:
-            self.log_test_stats(stage_stats)
+    def evaluation_stats(self, stage):
+        """CER and WER of the pass."""
+        return {"CER": self.cer_metric.summarize("error_rate"), "WER": self.wer_metric.summarize("error_rate")}
 
 
 def dataio_prepare(hparams, tokenizer):
@@ -187,7 +161,7 @@ if __name__ == "__main__":
         overrides=overrides,
     )
 
-    prepare_manifests(hparams)
+    prepare_manifests(hparams, prepare_librispeech)
     tokenizer = train_tokenizer(hparams)  # characters in the published CTC configs
     train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)  # checks the manifests
     if hparams["ngram_lm_file"]:  # the word LM of the test beam search
@@ -202,7 +176,7 @@ if __name__ == "__main__":
     )
     asr_brain.tokenizer = tokenizer
     vocab_list = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.sp.vocab_size())]
-    asr_brain.test_searcher = hparams["test_searcher"](vocab_list=vocab_list)
+    asr_brain.build_test_search(vocab_list=vocab_list)
 
     train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
     asr_brain.fit(
@@ -212,5 +186,5 @@ if __name__ == "__main__":
         train_loader_kwargs=train_loader_kwargs,
         valid_loader_kwargs=valid_loader_kwargs,
     )
-    evaluate_test_sets(asr_brain, hparams, test_datasets, min_key="WER")
+    evaluate_test_sets(asr_brain, hparams, test_datasets)
     run_on_main(export_inference_folder, args=[hparams, "CTC", tokenizer.prefix_model_file + ".model"])

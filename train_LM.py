@@ -22,6 +22,7 @@ import sys
 import speechbrain as sb
 import torch
 
+from librispeech_prepare import prepare_librispeech
 from modules.hparams import load_hparams
 from modules.recipe import csv_name, prepare_manifests, train_tokenizer
 
@@ -77,7 +78,7 @@ if __name__ == "__main__":
     hparams = load_hparams(hparams_file, overrides, REQUIRED_HPARAMS)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"])
 
-    prepare_manifests(hparams)
+    prepare_manifests(hparams, prepare_librispeech)
     tokenizer = train_tokenizer(hparams)  # the encoder-decoder recipe's, reused when already trained
     train_data, valid_data = dataio_prepare(hparams, tokenizer)
 

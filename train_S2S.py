@@ -32,6 +32,7 @@ from speechbrain.decoders.scorer import ScorerBuilder
 from speechbrain.utils.distributed import run_on_main
 
 from modules.front_end import encoder_input
+from librispeech_prepare import prepare_librispeech
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.recipe import (
@@ -66,6 +67,8 @@ REQUIRED_HPARAMS = """
 
 class ASR(RecipeBrain):
     """Joint CTC/attention training, validation and beam-search testing."""
+
+    best_key = {"max_key": "ACC"}
 
     def compute_forward(self, batch, stage):
         """Waveforms -> CTC and attention log-probabilities (and hypotheses).
@@ -146,45 +149,18 @@ class ASR(RecipeBrain):
             return epoch % self.hparams.valid_search_interval == 0
         return stage == sb.Stage.TEST
 
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Updates the Noam learning rate after each optimizer step."""
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
-
     def on_stage_start(self, stage, epoch):
         """Fresh accuracy/WER trackers for each validation or test pass."""
         if stage != sb.Stage.TRAIN:
             self.acc_metric = self.hparams.acc_computer()
             self.wer_metric = self.hparams.error_rate_computer()
 
-    def on_stage_end(self, stage, stage_loss, epoch):
-        """Logs stats, keeps the best checkpoints (valid ACC), writes WER."""
-        stage_stats = {"loss": stage_loss}
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = stage_stats
-            return
-
-        stage_stats["ACC"] = self.acc_metric.summarize()
+    def evaluation_stats(self, stage):
+        """Token accuracy, and the WER of the passes that search (:meth:`is_search_stage`)."""
+        stage_stats = {"ACC": self.acc_metric.summarize()}
         if self.is_search_stage(stage):
             stage_stats["WER"] = self.wer_metric.summarize("error_rate")
-
-        if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={
-                    "epoch": epoch,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "steps": self.optimizer_step,
-                },
-                train_stats=self.train_stats,
-                valid_stats=stage_stats,
-            )
-            self.checkpointer.save_and_keep_only(
-                meta={"ACC": stage_stats["ACC"], "epoch": epoch},
-                max_keys=["ACC"],
-                num_to_keep=self.hparams.avg_checkpoints,
-            )
-        else:
-            self.log_test_stats(stage_stats)
+        return stage_stats
 
 
 def build_test_scorer(hparams, device):
@@ -246,7 +222,7 @@ if __name__ == "__main__":
         overrides=overrides,
     )
 
-    prepare_manifests(hparams)
+    prepare_manifests(hparams, prepare_librispeech)
     tokenizer = train_tokenizer(hparams)  # unigram subwords in the published configs
     train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 
@@ -258,9 +234,7 @@ if __name__ == "__main__":
         checkpointer=hparams["checkpointer"],
     )
     asr_brain.tokenizer = tokenizer
-    asr_brain.test_search = hparams["test_search"](
-        scorer=build_test_scorer(hparams, asr_brain.device)
-    )
+    asr_brain.build_test_search(scorer=build_test_scorer(hparams, asr_brain.device))
 
     train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
     asr_brain.fit(
@@ -270,5 +244,5 @@ if __name__ == "__main__":
         train_loader_kwargs=train_loader_kwargs,
         valid_loader_kwargs=valid_loader_kwargs,
     )
-    evaluate_test_sets(asr_brain, hparams, test_datasets, max_key="ACC")
+    evaluate_test_sets(asr_brain, hparams, test_datasets)
     run_on_main(export_inference_folder, args=[hparams, "S2S", tokenizer.prefix_model_file + ".model"])

@@ -30,6 +30,7 @@ import speechbrain as sb
 from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.utils.distributed import run_on_main
 
+from librispeech_prepare import prepare_librispeech
 from modules.hparams import load_hparams
 from modules.inference import export_inference_folder
 from modules.recipe import (
@@ -67,6 +68,8 @@ REQUIRED_HPARAMS = """
 class DecoderOnlyASR(RecipeBrain):
     """Teacher-forced training on text tokens, accuracy at validation, beam search at test."""
 
+    best_key = {"max_key": "ACC"}
+
     def compute_forward(self, batch, stage):
         """Token sequences -> logits (B, L, vocab)."""
         batch = batch.to(self.device)
@@ -94,16 +97,11 @@ class DecoderOnlyASR(RecipeBrain):
         if stage == sb.Stage.TEST:
             prefix, prefix_lens = batch.prefix
             lengths = (prefix_lens * prefix.shape[1]).round().long()
-            hyps, _ = self.hparams.test_search(prefix, lengths)
+            hyps, _ = self.test_search(prefix, lengths)
             predicted_words = [self.tokenizer.sp.decode_ids(hyp).split() for hyp in hyps]
             target_words = [words.split() for words in batch.words]
             self.wer_metric.append(batch.id, predicted_words, target_words)
         return loss
-
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Updates the warm-up / inverse-square-root learning rate after each optimizer step."""
-        if should_step:
-            self.hparams.noam_annealing(self.optimizer)
 
     def on_stage_start(self, stage, epoch):
         """Fresh accuracy counters and WER tracker."""
@@ -111,32 +109,12 @@ class DecoderOnlyASR(RecipeBrain):
             self.correct = self.scored = 0
             self.wer_metric = self.hparams.error_rate_computer()
 
-    def on_stage_end(self, stage, stage_loss, epoch):
-        """Logs statistics, keeps the best checkpoints by accuracy, writes the test WER."""
-        stage_stats = {"loss": stage_loss}
-        if stage == sb.Stage.TRAIN:
-            self.train_stats = stage_stats
-            return
-        stage_stats["ACC"] = self.correct / max(self.scored, 1)
-
-        if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta={
-                    "epoch": epoch,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "steps": self.optimizer_step,
-                },
-                train_stats=self.train_stats,
-                valid_stats=stage_stats,
-            )
-            self.checkpointer.save_and_keep_only(
-                meta={"ACC": stage_stats["ACC"], "epoch": epoch},
-                max_keys=["ACC"],
-                num_to_keep=self.hparams.avg_checkpoints,
-            )
-        else:
+    def evaluation_stats(self, stage):
+        """Accuracy of the text and end tokens; at test also the WER."""
+        stage_stats = {"ACC": self.correct / max(self.scored, 1)}
+        if stage == sb.Stage.TEST:
             stage_stats["WER"] = self.wer_metric.summarize("error_rate")
-            self.log_test_stats(stage_stats)
+        return stage_stats
 
 
 def dataio_prepare(hparams, tokenizer, unit_csvs):
@@ -221,7 +199,7 @@ if __name__ == "__main__":
     )
 
     # Manifests, speech units and the tokenizer are made on the main process; all find them on disk.
-    prepare_manifests(hparams)
+    prepare_manifests(hparams, prepare_librispeech)
     run_on_main(prepare_tokens, kwargs={"hparams": hparams})
     unit_csvs, tokenizer = prepare_tokens(hparams)
     if tokenizer.sp.piece_to_id(GENERATE_TEXT) != hparams["generate_text_index"]:
@@ -237,6 +215,7 @@ if __name__ == "__main__":
         checkpointer=hparams["checkpointer"],
     )
     asr_brain.tokenizer = tokenizer
+    asr_brain.build_test_search()
 
     # Batches are bounded in padded tokens, as ESPnet's length batches (MADEON's recipe).
     train_loader_kwargs, valid_loader_kwargs = loader_options(
@@ -249,7 +228,7 @@ if __name__ == "__main__":
         train_loader_kwargs=train_loader_kwargs,
         valid_loader_kwargs=valid_loader_kwargs,
     )
-    evaluate_test_sets(asr_brain, hparams, test_datasets, max_key="ACC")
+    evaluate_test_sets(asr_brain, hparams, test_datasets)
     run_on_main(
         export_inference_folder,
         args=[hparams, "decoder_only", tokenizer.prefix_model_file + ".model"],

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import random
 import shutil
 
@@ -43,6 +44,33 @@ CORRUPT_PREFIX = "corrupt-"
 # torch's zip writer fails on a full disk without an errno ("[enforce fail at inline_container.cc:672] .
 # unexpected pos ..."): a save is taken to have filled the disk if less than this is free when it fails
 DISK_FULL_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w", **open_kwargs):
+    """Opens ``path`` + ``.partial`` for writing (``open``'s ``mode`` and keyword arguments; text is UTF-8)
+    and renames it to ``path`` when the block ends: a run killed or failing half-way never leaves a
+    truncated file under ``path`` (on an error the partial file is removed). Every file that the recipes
+    write to be found again (manifests, tokenizer records and texts, k-means, word LMs) goes through here.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "record.json")
+    >>> with atomic_write(path) as f:
+    ...     _ = f.write("{}")
+    >>> open(path).read()
+    '{}'
+    """
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+    partial = f"{path}.partial"
+    try:
+        with open(partial, mode, **open_kwargs) as f:
+            yield f
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
 
 
 class CheckpointLoadError(RuntimeError):

@@ -46,7 +46,7 @@ class ConvolutionModule(nn.Module):
     def forward(self, x, padding_mask=None, cache=None):
         """x (batch, time, d_model); padding_mask (batch, time) True at padded frames.
 
-        ``cache`` (from :meth:`allocate_inference_cache`) holds the depthwise convolution's inputs
+        ``cache`` (from :meth:`allocate_cache`) holds the depthwise convolution's inputs
         of the frames before ``x``; it replaces the left padding and is updated in place.
         """
         out = nn.functional.glu(self.pointwise(self.layer_norm(x).transpose(1, 2)), dim=1)
@@ -59,7 +59,7 @@ class ConvolutionModule(nn.Module):
             cache.copy_(out[:, :, out.shape[2] - cache.shape[2] :])
         return self.after_conv(self.depthwise(out).transpose(1, 2))
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+    def allocate_cache(self, batch_size, dtype=None, device=None):
         """Zero left context (batch, d_model, kernel_size - 1) for chunk-wise inference (causal only)."""
         if self.right_padding:
             raise ValueError("chunk-wise inference needs a causal convolution module (causal=True)")
@@ -97,7 +97,7 @@ class ConMambaEncoderLayer(nn.Module):
     def forward(self, x, lengths, padding_mask=None, cache=None):
         """x (batch, time, d_model); lengths (batch,) valid frames; padding_mask (batch, time) True at pad.
 
-        ``cache``: a (mixer cache, convolution cache) pair from :meth:`allocate_inference_cache` to
+        ``cache``: a (mixer cache, convolution cache) pair from :meth:`allocate_cache` to
         continue from (causal layers only), updated in place.
         """
         mixer_cache, convolution_cache = (None, None) if cache is None else cache
@@ -106,11 +106,11 @@ class ConMambaEncoderLayer(nn.Module):
         x = x + self.convolution_module(x, padding_mask, cache=convolution_cache)
         return self.norm(x + 0.5 * self.ffn_module2(x))
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+    def allocate_cache(self, batch_size, dtype=None, device=None):
         """Zero states of the mixer and of the convolution module, for chunk-wise inference."""
         return (
-            self.mixer.allocate_inference_cache(batch_size, dtype, device),
-            self.convolution_module.allocate_inference_cache(batch_size, dtype, device),
+            self.mixer.allocate_cache(batch_size, dtype, device),
+            self.convolution_module.allocate_cache(batch_size, dtype, device),
         )
 
 
@@ -160,7 +160,7 @@ class ConMambaEncoder(nn.Module):
     ):
         """src (batch, time, d_model); src_key_padding_mask (batch, time), True at padded frames.
 
-        ``cache`` (causal encoder only, from :meth:`allocate_inference_cache`) makes ``src`` the
+        ``cache`` (causal encoder only, from :meth:`allocate_cache`) makes ``src`` the
         continuation of what the cache has seen: the output equals that of the whole sequence, chunk
         by chunk (streaming). Returns (output, None) like ``ConformerEncoder`` (which returns
         attention maps there).
@@ -177,6 +177,6 @@ class ConMambaEncoder(nn.Module):
             output = layer(output, lengths, src_key_padding_mask, None if cache is None else cache[index])
         return self.norm(output), None
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
+    def allocate_cache(self, batch_size, dtype=None, device=None):
         """One zero cache per layer for chunk-wise :meth:`forward` (causal encoder only)."""
-        return [layer.allocate_inference_cache(batch_size, dtype, device) for layer in self.layers]
+        return [layer.allocate_cache(batch_size, dtype, device) for layer in self.layers]

@@ -1,20 +1,22 @@
-"""Bad data at training time: manifest rows and audio files that cannot be trained on.
+"""Bad data: manifest rows and audio files that cannot be trained on, for data preparation and training.
 
 The yaml key ``bad_data`` of every training config says what happens to them: ``fail`` stops with an
 error naming the file and the fix; ``skip`` leaves them out, logging each one and how many there were.
 Rows are checked when a manifest is loaded (missing audio, zero or over-long duration, empty transcript);
 audio that does not decode or has the wrong sample rate shows only when it is read, so the data loader
 drops it from its batch. A batch left with no utterance stops the run all the same: skipping it on one
-process would hang the others under DDP.
+process would hang the others under DDP. Data preparation (librispeech_prepare.py) checks each audio file's
+header with the same :func:`audio_problem`, and raises the same BadDataError.
 """
 
 import csv
 import logging
 import os
 
+import soundfile
 import speechbrain as sb
 from speechbrain.dataio.batch import PaddedBatch
-from speechbrain.dataio.dataio import read_audio, read_audio_info
+from speechbrain.dataio.dataio import read_audio
 
 logger = logging.getLogger(__name__)
 
@@ -122,18 +124,42 @@ def read_manifest(path, data_folder=None):
     return rows, problems
 
 
+def audio_problem(wav, sample_rate):
+    """Reads the header of the audio file ``wav``: returns (its duration in seconds, None), or (None, why it
+    cannot be trained on) if it is missing, does not decode, is not at ``sample_rate`` Hz or is empty.
+
+    The problem names the file (``audio file <wav> ...``); the caller adds what to do about it. Returned, not
+    raised, so that data preparation can collect the problems of a whole split (from a process pool). The
+    header is soundfile's, which SpeechBrain reads audio with (its own ``read_audio_info`` fails on an empty
+    file).
+    """
+    try:
+        info = soundfile.info(wav)
+    except RuntimeError as error:
+        problem = "is missing" if not os.path.isfile(wav) else f"cannot be decoded ({error})"
+        return None, f"audio file {wav} {problem}"
+    if info.samplerate != sample_rate:
+        return None, (
+            f"audio file {wav} is sampled at {info.samplerate} Hz, not {sample_rate} Hz "
+            f"(resample it, e.g. sox in.flac -r {sample_rate} out.flac)"
+        )
+    if info.frames == 0:
+        return None, f"audio file {wav} is empty"
+    return info.frames / info.samplerate, None
+
+
 def read_checked_audio(wav, sample_rate, bad_data):
     """The waveform of ``wav`` (samples,), multi-channel audio mixed down to mono as transcribe.py does;
-    if it is missing, does not decode or is not at ``sample_rate`` Hz, raises BadDataError naming the file
-    (``bad_data: fail``) or logs it and returns None (``skip``: see collate_readable)."""
-    try:
-        rate = read_audio_info(wav).sample_rate
-        if rate == sample_rate:
+    if it is missing, does not decode, is not at ``sample_rate`` Hz or is empty (:func:`audio_problem`),
+    raises BadDataError naming the file (``bad_data: fail``) or logs it and returns None (``skip``: see
+    collate_readable)."""
+    _, problem = audio_problem(wav, sample_rate)
+    if problem is None:
+        try:
             audio = read_audio(wav)  # (samples, channels) if there are several
             return audio.mean(dim=1) if audio.dim() == 2 else audio
-        problem = f"audio file {wav} is sampled at {rate} Hz, not {sample_rate} Hz"
-    except RuntimeError as error:
-        problem = f"audio file {wav} " + ("is missing" if not os.path.isfile(wav) else f"cannot be decoded ({error})")
+        except RuntimeError as error:
+            problem = f"audio file {wav} cannot be decoded ({error})"
     if bad_data == "fail":
         raise BadDataError(f"{problem}. {FIX}")
     logger.warning(f"Skipping an utterance: {problem}")

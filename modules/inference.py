@@ -183,9 +183,8 @@ def load_model_strictly(model, path):
 
 
 def load_kmeans(kmeans, path):
-    """Pretrainer hook: k-means centroids (empty buffers until fitted, so not a plain state-dict load)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    kmeans.centroids, kmeans.counts = state["centroids"], state["counts"]
+    """Pretrainer hook: k-means centroids (:meth:`modules.speech_tokenizer.KMeans.load`)."""
+    kmeans.load(path)
 
 
 class MadeonASR(Pretrained):

@@ -25,7 +25,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from speechbrain.lobes.models.transformer.Transformer import TransformerEncoder
 
 from modules.mamba.mamba import Mamba
@@ -54,10 +53,13 @@ class PrefixBiMamba(Mamba):
     """MADEON's parallel speech-prefixing Mamba mixer: a BiMamba whose backward branch
     reads the STR sequence, branches summed before the shared out_proj, and recurrent decoding.
 
-    The cache holds four states, (conv, ssm) of the forward branch then of the backward branch. After
-    the prefix the backward branch has scanned the reversed speech, and each new text token advances
-    both branches in time order, exactly as the training scan does past ``<generatetext>``.
+    The cache (:meth:`Mamba.allocate_cache`) holds four states, (conv, ssm) of the forward branch then
+    of the backward branch. After the prefix the backward branch has scanned the reversed speech, and
+    each new text token advances both branches in time order, exactly as the training scan does past
+    ``<generatetext>``.
     """
+
+    recurrent_backward = True  # the backward branch reads the text in time order
 
     def __init__(self, d_model, **kwargs):
         super().__init__(d_model, bidirectional=True, combine="sum", **kwargs)
@@ -72,34 +74,25 @@ class PrefixBiMamba(Mamba):
             reverse_index = prefix_reversal_index(lengths, time)
         if cache is None:
             return super().forward(hidden, lengths, reverse_index=reverse_index)
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, time) each
-        y = self._scan_from_cache(x, lengths, *cache[:2])
+        x, z = self.project(hidden)  # (batch, d_inner, time) each
+        y = self.scan_direction(x, lengths, *cache[:2])
         x_backward = reverse_time(x, reverse_index, dim=2)
-        y_backward = self._scan_from_cache(x_backward, lengths, *cache[2:], suffix="_b")
-        y = y + reverse_time(y_backward, reverse_index, dim=2)
-        return self.out_proj((y * F.silu(z)).transpose(1, 2))
-
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
-        """Zero (conv, ssm) states of the forward then the backward branch, as :class:`Mamba`'s."""
-        device = device or self.conv1d.weight.device
-        d_conv = self.conv1d.weight.shape[-1]
-        conv_dtype, ssm_dtype = dtype or self.conv1d.weight.dtype, dtype or self.dt_proj.weight.dtype
-        states = []
-        for _ in self.suffixes:
-            states.append(torch.zeros(batch_size, self.d_inner, d_conv, dtype=conv_dtype, device=device))
-            states.append(torch.zeros(batch_size, self.d_inner, self.d_state, dtype=ssm_dtype, device=device))
-        return tuple(states)
+        y_backward = self.scan_direction(x_backward, lengths, *cache[2:], backward=True)
+        return self.output(y + reverse_time(y_backward, reverse_index, dim=2), z)
 
     def step(self, hidden, cache):
         """One text token (batch, 1, d_model) through both branches, in time order."""
-        x, z = self.in_proj(hidden.squeeze(1)).chunk(2, dim=-1)
-        y = self._step_direction(x, *cache[:2]) + self._step_direction(x, *cache[2:], suffix="_b")
-        return self.out_proj((y * F.silu(z)).to(hidden.dtype)).unsqueeze(1)
+        x, z = self.project(hidden)  # (batch, d_inner, 1) each
+        x = x[..., 0]
+        y = self.step_direction(x, *cache[:2]) + self.step_direction(x, *cache[2:], backward=True)
+        return self.output(y[..., None], z)
 
 
 class PrefixBiMamba2(Mamba2):
     """MADEON's parallel speech-prefixing Mamba-2 mixer; see :class:`PrefixBiMamba`."""
 
+    recurrent_backward = True  # the backward branch reads the text in time order
+
     def __init__(self, d_model, **kwargs):
         super().__init__(d_model, bidirectional=True, combine="sum", **kwargs)
 
@@ -113,22 +106,18 @@ class PrefixBiMamba2(Mamba2):
             reverse_index = prefix_reversal_index(lengths, time)
         if cache is None:
             return super().forward(hidden, lengths, reverse_index=reverse_index)
-        z, xBC, dt = self._project(hidden)
-        y = self._scan_from_cache(xBC, dt, lengths, *cache[:2])
+        z, xBC, dt = self.project(hidden)
+        y = self.scan_direction(xBC, dt, lengths, *cache[:2])
         xBC_backward, dt_backward = reverse_time(xBC, reverse_index, dim=2), reverse_time(dt, reverse_index, dim=1)
-        y_backward = self._scan_from_cache(xBC_backward, dt_backward, lengths, *cache[2:], suffix="_b")
-        return self._output(y + reverse_time(y_backward, reverse_index, dim=1), z)
-
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
-        """Zero (conv, ssm) states of the forward then the backward branch."""
-        return self._direction_cache(batch_size, dtype, device) + self._direction_cache(batch_size, dtype, device)
+        y_backward = self.scan_direction(xBC_backward, dt_backward, lengths, *cache[2:], backward=True)
+        return self.output(y + reverse_time(y_backward, reverse_index, dim=1), z)
 
     def step(self, hidden, cache):
         """One text token (batch, 1, d_model) through both branches, in time order."""
-        z, xBC, dt = self._project(hidden)
-        y = self._step_direction(xBC[..., 0], dt[:, 0], *cache[:2])
-        y = y + self._step_direction(xBC[..., 0], dt[:, 0], *cache[2:], suffix="_b")
-        return self._output(y, z[:, 0]).unsqueeze(1)
+        z, xBC, dt = self.project(hidden)
+        y = self.step_direction(xBC[..., 0], dt[:, 0], *cache[:2])
+        y = y + self.step_direction(xBC[..., 0], dt[:, 0], *cache[2:], backward=True)
+        return self.output(y, z[:, 0]).unsqueeze(1)
 
 
 class ProjectionDropout(nn.Module):
@@ -184,7 +173,7 @@ class ResidualBlock(nn.Module):
         return x + self.dropout(self.mixer(self.norm(x), lengths=lengths, cache=cache, reverse_index=reverse_index))
 
     def allocate_cache(self, batch_size):
-        return self.mixer.allocate_inference_cache(batch_size)
+        return self.mixer.allocate_cache(batch_size)
 
     def step(self, x, cache):
         return x + self.mixer.step(self.norm(x), cache)

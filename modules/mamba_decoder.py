@@ -143,9 +143,9 @@ class MambaDecoder(nn.Module):
         batch = memory.shape[0]
         cache = []
         for layer in self.layers:
-            cross_cache = layer.cross_mamba.allocate_inference_cache(batch, device=memory.device)
+            cross_cache = layer.cross_mamba.allocate_cache(batch, device=memory.device)
             layer.cross_mamba(memory, lengths=memory_lengths, cache=cross_cache)
-            cache.append((layer.self_mamba.allocate_inference_cache(batch, device=memory.device), cross_cache))
+            cache.append((layer.self_mamba.allocate_cache(batch, device=memory.device), cross_cache))
         return cache
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import math
 import os
 from collections import Counter, defaultdict
 
+from modules.checkpointing import atomic_write
 from modules.data_checks import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,7 @@ def _probability(gram, probs, backoffs):
 
 def _write_arpa(path, probs, backoffs, order):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".partial"  # renamed when complete: a killed run leaves no truncated model
-    with open(partial, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:  # renamed when complete: a killed run leaves no truncated model
         f.write("\\data\\\n")
         for n in range(1, order + 1):
             f.write(f"ngram {n}={len(probs[n])}\n")
@@ -106,7 +106,6 @@ def _write_arpa(path, probs, backoffs, order):
                     line += f"\t{math.log10(backoffs[n].get(gram, 1.0)):.6f}"
                 f.write(line + "\n")
         f.write("\n\\end\\\n")
-    os.replace(partial, path)
 
 
 def train_word_ngram(train_csv, order, arpa_path):

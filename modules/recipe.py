@@ -17,10 +17,9 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from librispeech_prepare import ALPHABET, prepare_librispeech
 from modules.checkpointing import average_checkpoints
 from modules.data_checks import BadDataError, collate_readable, load_manifest, read_checked_audio, read_manifest
-from modules.text_tokenizer import train_sentencepiece
+from modules.text_tokenizer import ALPHABET, train_sentencepiece
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
@@ -62,14 +61,18 @@ def lock_output_folder(output_folder):
 
 
 class RecipeBrain(sb.Brain):
-    """A ``Brain`` that skips and counts optimizer steps with a NaN or inf loss or gradient, tests with
-    the average of its best checkpoints and writes the test WER.
+    """A ``Brain`` that skips and counts optimizer steps with a NaN or inf loss or gradient, steps the
+    learning-rate schedule, keeps the best checkpoints, tests with their average and writes the test WER.
 
-    Subclasses call :meth:`log_test_stats` at the end of the test stage; the main script sets
-    ``test_wer_file`` before each ``evaluate`` (see :func:`evaluate_test_sets`).
+    Subclasses set :attr:`best_key` and give their validation and test statistics in
+    :meth:`evaluation_stats`; the main script sets ``test_wer_file`` before each ``evaluate`` (see
+    :func:`evaluate_test_sets`). The hooks here read only hparams keys that every recipe has.
     """
 
     nonfinite_loss = False  # a NaN or inf loss since the last optimizer step
+    # The validation statistic that ranks the checkpoints, kept at validation and averaged at test, in
+    # the keyword of SpeechBrain's ``evaluate``: {"min_key": "WER"} or {"max_key": "ACC"}
+    best_key = None
 
     def check_loss_isfinite(self, loss):
         """Counts a NaN or inf loss; its optimizer step is skipped (see :meth:`check_gradients`)."""
@@ -132,6 +135,46 @@ class RecipeBrain(sb.Brain):
             self.train_sampler = loader.batch_sampler
         return loader
 
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """Updates the learning rate (``noam_annealing``) after each optimizer step."""
+        if should_step:
+            self.hparams.noam_annealing(self.optimizer)
+
+    def build_test_search(self, **run_time_arguments):
+        """The recipe's test searcher, ``self.test_search``: the yaml's ``test_search`` (a ``!name:``
+        searcher with its options, wired in the yaml as the models are) completed with what exists only
+        at run time: the tokenizer's vocabulary (CTC), the scorer with its optional LM (S2S), nothing
+        (decoder-only)."""
+        self.test_search = self.hparams.test_search(**run_time_arguments)
+
+    def evaluation_stats(self, stage):
+        """The statistics of a validation or test pass besides the loss, {name: value} (the recipe's)."""
+        raise NotImplementedError
+
+    def on_stage_end(self, stage, stage_loss, epoch):
+        """Keeps the training loss; after validation logs the epoch and saves a checkpoint, keeping the
+        ``avg_checkpoints`` best by :attr:`best_key`; after a test logs and writes the WER."""
+        stage_stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stage_stats
+            return
+        stage_stats.update(self.evaluation_stats(stage))
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta={"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.optimizer_step},
+                train_stats=self.train_stats,
+                valid_stats=stage_stats,
+            )
+            key = self.best_key.get("min_key") or self.best_key["max_key"]
+            self.checkpointer.save_and_keep_only(
+                meta={key: stage_stats[key], "epoch": epoch},
+                min_keys=[key] if "min_key" in self.best_key else [],
+                max_keys=[key] if "max_key" in self.best_key else [],
+                num_to_keep=self.hparams.avg_checkpoints,
+            )
+        else:
+            self.log_test_stats(stage_stats)
+
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Loads the average of the ``hparams.avg_checkpoints`` best checkpoints into the model."""
         super().on_evaluate_start(max_key=max_key, min_key=min_key)
@@ -153,14 +196,18 @@ class RecipeBrain(sb.Brain):
                 self.wer_metric.write_stats(w)
 
 
-def prepare_manifests(hparams):
+def prepare_manifests(hparams, prepare):
     """One csv per split of ``data_folder`` (training splits merged into train.csv), on the main process.
+
+    ``prepare`` is the data preparation function, with the keyword arguments of SpeechBrain's LibriSpeech
+    recipes: the train script imports it from its prepare script (``librispeech_prepare.prepare_librispeech``),
+    SpeechBrain's convention, so that nothing under ``modules/`` imports a script of the repository's root.
 
     A ``valid_csv`` that is none of the dev splits' csvs (e.g. ``dev.csv`` next to ``dev-clean.csv`` and
     ``dev-other.csv``) is written as all the dev splits merged: MADEON validates on both (arXiv 2411.06968).
     """
     run_on_main(
-        prepare_librispeech,
+        prepare,
         kwargs={
             "data_folder": hparams["data_folder"],
             "save_folder": hparams["output_folder"],
@@ -327,14 +374,14 @@ def loader_options(hparams, train_data, valid_data, length_func=lambda row: row[
     return tuple(options)
 
 
-def evaluate_test_sets(brain, hparams, test_datasets, **best_key):
-    """Tests each set with the averaged best checkpoints (``best_key``: ``min_key=`` or ``max_key=``),
-    writes ``wer_<set>.txt`` to the output folder and prints the WER, saying how many utterances of
-    the set's manifest it leaves out (``bad_data: skip``): a WER over fewer utterances is another figure."""
+def evaluate_test_sets(brain, hparams, test_datasets):
+    """Tests each set with the averaged best checkpoints (by the brain's ``best_key``), writes
+    ``wer_<set>.txt`` to the output folder and prints the WER, saying how many utterances of the set's
+    manifest it leaves out (``bad_data: skip``): a WER over fewer utterances is another figure."""
     for name, test_set in test_datasets.items():
         brain.test_wer_file = os.path.join(hparams["output_folder"], f"wer_{name}.txt")
         loader_kwargs = dict(hparams["test_dataloader_opts"], collate_fn=collate_readable)
-        brain.evaluate(test_set, test_loader_kwargs=loader_kwargs, **best_key)
+        brain.evaluate(test_set, test_loader_kwargs=loader_kwargs, **brain.best_key)
         left_out = test_set.manifest_size - len(brain.wer_metric.scores)
         note = f" ({left_out} of {test_set.manifest_size} utterances left out: bad_data: skip)" if left_out else ""
         if if_main_process():

@@ -32,6 +32,7 @@ from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.lobes.features import Fbank
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 
+from modules.checkpointing import atomic_write
 from modules.data_checks import read_checked_audio, read_csv
 from modules.text_tokenizer import train_sentencepiece
 
@@ -217,6 +218,19 @@ class KMeans(nn.Module):
         self.centroids = frames[chosen].clone()
         self.counts = torch.zeros(self.num_clusters, dtype=frames.dtype)
 
+    def save(self, path):
+        """Writes the fitted centroids and counts to ``path`` (atomically)."""
+        with atomic_write(path, "wb") as f:
+            torch.save(self.state_dict(), f)
+
+    def load(self, path):
+        """Loads centroids and counts written by :meth:`save` (the recipe's ``kmeans.pt``, an inference
+        folder's ``kmeans.ckpt``), tensors only (``weights_only``). They are empty buffers until fitted,
+        so this is not a plain state-dict load. Returns the k-means."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.centroids, self.counts = state["centroids"], state["counts"]
+        return self
+
 
 def file_hash(path):
     with open(path, "rb") as f:
@@ -352,9 +366,7 @@ class SpeechUnitTokenizer:
         """Loads the fitted k-means, or fits it on a random share of the training utterances as recorded."""
         kmeans = KMeans(self.num_clusters, self.seed)
         if os.path.isfile(path):
-            state = torch.load(path, weights_only=True)
-            kmeans.centroids, kmeans.counts = state["centroids"], state["counts"]
-            return kmeans
+            return kmeans.load(path)
         rows = read_csv(train_csv)
         random.Random(self.seed).shuffle(rows)
         rows = rows[: max(1, round(self.kmeans_fraction * len(rows)))]
@@ -372,18 +384,16 @@ class SpeechUnitTokenizer:
                     buffer, buffered = [], 0
             if buffer and (kmeans.centroids.numel() or buffered >= self.num_clusters):
                 kmeans.partial_fit(torch.cat(buffer))
-        torch.save(kmeans.state_dict(), path)
+        kmeans.save(path)
         return kmeans
 
 
 def write_csv(rows, path):
     """Writes a manifest through a temporary file: a run killed half-way leaves no file that looks finished."""
-    partial = path + ".partial"
-    with open(partial, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["ID", "units"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, path)
 
 
 def train_joint_sentencepiece(

@@ -13,13 +13,16 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 
 import sentencepiece as spm
+
+from modules.checkpointing import atomic_write
 
 logger = logging.getLogger(__name__)
 
 TRAINER_LOG_LEVEL = 2  # SentencePiece's minloglevel: errors only, no trainer dump
+# LibriSpeech's transcripts are words of these characters: the alphabet of the character tokenizers
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'"
 
 
 def train_sentencepiece(lines, model_dir, vocab_size, model_type, text_name="train.txt", **trainer_options):
@@ -37,13 +40,11 @@ def train_sentencepiece(lines, model_dir, vocab_size, model_type, text_name="tra
     options = dict(trainer_options, model_type=model_type)
     if model_type != "char":
         options["vocab_size"] = vocab_size
-    partial_text, digest = _write_text(model_dir, lines)
+    digest = _write_text(text_file, lines)
     record = {"text_sha256": digest, "options": options}
     if _read_record(record_file) == record and _loads(model_file):
-        os.remove(partial_text)
         logger.info(f"Tokenizer {model_file} is up to date")
         return model_file
-    os.replace(partial_text, text_file)
     if os.path.exists(model_file):
         logger.info(f"Training the tokenizer again: {model_file} was not trained on {text_file} with these options")
     if os.path.exists(record_file):
@@ -54,28 +55,21 @@ def train_sentencepiece(lines, model_dir, vocab_size, model_type, text_name="tra
     )
     for extension in (".vocab", ".model"):
         os.replace(partial + extension, prefix + extension)
-    _write_atomically(record_file, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    with atomic_write(record_file) as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
     logger.info(f"Trained the tokenizer {model_file} on {text_file}")
     return model_file
 
 
-def _write_text(folder, lines):
-    """Writes the lines (one a line) to a new file in folder; returns its path and the SHA-256 of the text."""
+def _write_text(path, lines):
+    """Writes the lines (one a line) to ``path``, atomically; returns the SHA-256 of the text."""
     digest = hashlib.sha256()
-    handle, path = tempfile.mkstemp(suffix=".partial", dir=folder)
-    with open(handle, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for line in lines:
             text = line + "\n"
             f.write(text)
             digest.update(text.encode("utf-8"))
-    return path, digest.hexdigest()
-
-
-def _write_atomically(path, text):
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(partial, path)
+    return digest.hexdigest()
 
 
 def _read_record(path):

@@ -33,7 +33,7 @@ def case(request):
 @torch.no_grad()
 def test_steps_over_a_sequence_equal_the_full_forward(case):
     mixer, hidden, tolerance = case
-    cache = mixer.allocate_inference_cache(hidden.shape[0])
+    cache = mixer.allocate_cache(hidden.shape[0])
     stepped = torch.cat([mixer.step(hidden[:, t : t + 1], cache) for t in range(hidden.shape[1])], dim=1)
     torch.testing.assert_close(stepped, mixer(hidden), **tolerance)
 
@@ -41,7 +41,7 @@ def test_steps_over_a_sequence_equal_the_full_forward(case):
 @torch.no_grad()
 def test_chunks_forwarded_with_a_cache_equal_the_full_forward(case):
     mixer, hidden, tolerance = case
-    cache = mixer.allocate_inference_cache(hidden.shape[0])
+    cache = mixer.allocate_cache(hidden.shape[0])
     chunks = [mixer(chunk, cache=cache) for chunk in hidden.split([5, 1, 2, 3], dim=1)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), mixer(hidden), **tolerance)
 
@@ -54,7 +54,7 @@ def test_padded_prefix_of_different_lengths_then_steps_equal_the_full_forward(ca
     full = mixer(hidden)
     prefix = hidden[:, :6].clone()
     prefix[1, 2:] = 100.0  # padding that must not leak into the cache
-    cache = mixer.allocate_inference_cache(3)
+    cache = mixer.allocate_cache(3)
     prefix_out = mixer(prefix, lengths=prefix_lengths, cache=cache)
     for row, length in enumerate(prefix_lengths):
         torch.testing.assert_close(prefix_out[row, :length], full[row, :length], **tolerance)
@@ -69,7 +69,7 @@ def test_padded_prefix_of_different_lengths_then_steps_equal_the_full_forward(ca
 def test_cache_reordered_on_the_batch_axis_continues_each_selected_row(case):
     mixer, hidden, tolerance = case
     index = torch.tensor([2, 0, 0])
-    cache = mixer.allocate_inference_cache(3)
+    cache = mixer.allocate_cache(3)
     mixer(hidden[:, :7], cache=cache)
     cache = tuple(state.index_select(0, index) for state in cache)
     stepped = mixer.step(hidden[index, 7:8], cache)
@@ -83,7 +83,7 @@ def test_cache_reordered_on_the_batch_axis_continues_each_selected_row(case):
 )
 def test_bidirectional_mixer_refuses_a_cache(build):
     with pytest.raises(ValueError):
-        build().allocate_inference_cache(2)
+        build().allocate_cache(2)
 
 
 def test_summed_directions_are_twice_the_averaged_ones():

@@ -5,6 +5,7 @@ import csv
 import os
 import statistics
 
+from librispeech_prepare import prepare_librispeech
 from modules.recipe import load_datasets, prepare_manifests
 from recipe_runs import DEMO_DATA
 
@@ -26,20 +27,21 @@ def rows(path):
 
 
 def test_a_valid_csv_that_is_no_split_merges_all_dev_splits(tmp_path):
-    prepare_manifests(demo_hparams(tmp_path))
+    prepare_manifests(demo_hparams(tmp_path), prepare_librispeech)
     merged = rows(tmp_path / "valid.csv")
     assert [r["ID"] for r in merged] == [r["ID"] for r in rows(tmp_path / "dev.csv") + rows(tmp_path / "test.csv")]
 
 
 def test_a_valid_csv_of_one_split_stays_that_split(tmp_path):
-    prepare_manifests(demo_hparams(tmp_path, dev_splits=["dev"], valid_csv=str(tmp_path / "dev.csv")))
+    hparams = demo_hparams(tmp_path, dev_splits=["dev"], valid_csv=str(tmp_path / "dev.csv"))
+    prepare_manifests(hparams, prepare_librispeech)
     assert not os.path.exists(tmp_path / "valid.csv")
     flacs = [f for _, _, files in os.walk(os.path.join(DEMO_DATA, "dev")) for f in files if f.endswith(".flac")]
     assert len(rows(tmp_path / "dev.csv")) == len(flacs)
 
 
 def test_max_train_duration_leaves_out_long_training_and_validation_utterances_only(tmp_path):
-    prepare_manifests(demo_hparams(tmp_path))
+    prepare_manifests(demo_hparams(tmp_path), prepare_librispeech)
     durations = [float(r["duration"]) for r in rows(tmp_path / "train.csv")]
     limit = statistics.median(durations)
     hparams = demo_hparams(tmp_path, max_train_duration=limit)

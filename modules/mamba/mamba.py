@@ -10,12 +10,18 @@ Both directions run as *one* scan (:func:`.scan.directional_scan`): the backward
 backwards inside each utterance's own length, its convolution is the anti-causal mirror of the
 forward one, and the gate SiLU(z) and the mean of the directions are applied inside the scan.
 
-The unidirectional mixer also decodes recurrently, like ``mamba_ssm``: :meth:`Mamba.allocate_inference_cache`
+The unidirectional mixer also decodes recurrently, like ``mamba_ssm``: :meth:`Mamba.allocate_cache`
 makes a (conv_state, ssm_state) pair, ``forward(..., cache=...)`` scans a prefix in parallel from it and
 leaves each row's state after its own last valid frame there, and :meth:`Mamba.step` adds one token in O(1).
+
+The pieces of that are public, one direction at a time, for mixers that compose the two directions
+their own way (MADEON's speech prefixing): :meth:`Mamba.project`, :meth:`Mamba.scan_direction`,
+:meth:`Mamba.step_direction` and :meth:`Mamba.output`, each direction's parameters from
+:meth:`Mamba.direction`, and ``forward``'s ``reverse_index``, the order the backward direction reads.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -35,12 +41,22 @@ def inverse_softplus_dt(size, dt_min, dt_max, dt_init_floor):
 
 
 def stack_directions(mixer, name, attribute=None):
-    """Parameter ``name`` (or ``name.attribute``) of each direction of ``mixer`` (suffixes "" and
-    "_b"), stacked on a new first axis, so that both directions run as one batched op."""
-    tensors = [getattr(mixer, name + suffix) for suffix in mixer.suffixes]
+    """Parameter ``name`` (or ``name.attribute``) of each of ``mixer.directions``, forward first,
+    stacked on a new first axis, so that both directions run as one batched op."""
+    tensors = [getattr(direction, name) for direction in mixer.directions]
     if attribute is not None:
         tensors = [getattr(t, attribute) for t in tensors]
     return torch.stack(tensors)
+
+
+class MambaDirection(NamedTuple):
+    """The parameters of one direction of a :class:`Mamba` mixer (``in_proj``/``out_proj`` are shared)."""
+
+    conv1d: nn.Conv1d
+    x_proj: nn.Linear
+    dt_proj: nn.Linear
+    A_log: nn.Parameter
+    D: nn.Parameter
 
 
 class Mamba(nn.Module):
@@ -73,6 +89,11 @@ class Mamba(nn.Module):
     torch.Size([2, 7, 32])
     """
 
+    # Whether a bidirectional mixer may decode recurrently. A BiMamba's backward direction reads the
+    # future, so it may not; MADEON's prefixing mixers set this, their backward branch reading the
+    # text in time order (arXiv 2411.06968).
+    recurrent_backward = False
+
     def __init__(
         self,
         d_model,
@@ -102,34 +123,56 @@ class Mamba(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+        # state_dict names of the directions' parameters: mamba_ssm's, "_b" for the backward one
         self.suffixes = ("", "_b") if bidirectional else ("",)
-        for suffix in self.suffixes:
-            conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=conv_bias)
-            x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-            dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-            if not (suffix == "_b" and default_init_backward_dt):
-                std = self.dt_rank**-0.5
-                nn.init.uniform_(dt_proj.weight, -std, std)
-                with torch.no_grad():
-                    dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor))
-            # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel
-            A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
-            A_log = nn.Parameter(torch.log(A))
-            D = nn.Parameter(torch.ones(self.d_inner))
-            A_log._no_weight_decay = D._no_weight_decay = True
-            setattr(self, "conv1d" + suffix, conv1d)
-            setattr(self, "x_proj" + suffix, x_proj)
-            setattr(self, "dt_proj" + suffix, dt_proj)
-            setattr(self, "A_log" + suffix, A_log)
-            setattr(self, "D" + suffix, D)
+        direction = dict(d_conv=d_conv, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, conv_bias=conv_bias)
+        self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = self._new_direction(**direction)
+        if bidirectional:
+            self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_log_b, self.D_b = self._new_direction(
+                **direction, dt_init=not default_init_backward_dt
+            )
+
+    def _new_direction(self, d_conv, dt_min, dt_max, dt_init_floor, conv_bias, dt_init=True):
+        """Freshly initialised parameters of one direction, as a :class:`MambaDirection`."""
+        conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=conv_bias)
+        x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        if dt_init:
+            std = self.dt_rank**-0.5
+            nn.init.uniform_(dt_proj.weight, -std, std)
+            with torch.no_grad():
+                dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor))
+        # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        A_log = nn.Parameter(torch.log(A))
+        D = nn.Parameter(torch.ones(self.d_inner))
+        A_log._no_weight_decay = D._no_weight_decay = True
+        return MambaDirection(conv1d, x_proj, dt_proj, A_log, D)
+
+    def direction(self, backward=False):
+        """The parameters of the forward direction, or of the backward one, as a :class:`MambaDirection`."""
+        if not backward:
+            return MambaDirection(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        if not self.bidirectional:
+            raise ValueError("a unidirectional Mamba has no backward direction")
+        return MambaDirection(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_log_b, self.D_b)
+
+    @property
+    def directions(self):
+        """The parameters of each direction, forward first (:meth:`direction`)."""
+        if self.bidirectional:
+            return self.direction(), self.direction(backward=True)
+        return (self.direction(),)
 
     def forward(self, hidden, lengths=None, cache=None, reverse_index=None):
         """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional.
 
-        ``cache``: a (conv_state, ssm_state) pair (unidirectional mixer only) to continue from; see
-        :meth:`_forward_from_cache`. ``reverse_index`` (batch, time): a self-inverse time gather that
-        feeds the backward direction instead of reversing each row inside ``lengths`` (MADEON reverses
-        only the speech prefix); see :meth:`_forward_reordered`. Returns (batch, time, d_model).
+        ``cache``: a (conv_state, ssm_state) pair from :meth:`allocate_cache` (unidirectional mixer
+        only) to continue from; see :meth:`_forward_from_cache`. ``reverse_index`` (batch, time): the
+        order in which the backward direction reads the sequence, a self-inverse per-row time gather
+        (:mod:`.reverse`); by default each row is reversed inside ``lengths``, and another order (MADEON
+        reverses only the speech prefix, arXiv 2411.06968) runs :meth:`_forward_reordered`. Returns
+        (batch, time, d_model).
         """
         if cache is not None:
             return self._forward_from_cache(hidden, lengths, cache)
@@ -145,9 +188,9 @@ class Mamba(nn.Module):
         u = self._convolve_directions(x)  # (batch, time, directions * d_inner)
         # x_proj and dt_proj of both directions as one matrix product each (block-diagonal weights),
         # in the (batch, time, channels) layout that the scan reads without copies
-        x_dbl = F.linear(u, torch.block_diag(*(getattr(self, "x_proj" + s).weight for s in self.suffixes)))
+        x_dbl = F.linear(u, torch.block_diag(*(d.x_proj.weight for d in self.directions)))
         dt, B, C = x_dbl.view(batch, time, directions, -1).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt.flatten(2), torch.block_diag(*(getattr(self, "dt_proj" + s).weight for s in self.suffixes)))
+        delta = F.linear(dt.flatten(2), torch.block_diag(*(d.dt_proj.weight for d in self.directions)))
         y = directional_scan(
             u,
             delta,
@@ -213,47 +256,59 @@ class Mamba(nn.Module):
             y = 0.5 * y
         return self.out_proj((y * F.silu(z.transpose(1, 2))).transpose(1, 2))
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
-        """Zero states for recurrent decoding, as in ``mamba_ssm``.
+    def project(self, hidden):
+        """``in_proj`` of hidden (batch, time, d_model), split into x and z, each (batch, d_inner, time)."""
+        return self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+
+    def output(self, y, z):
+        """Gate and ``out_proj``: y (the scans' combined output) and z, each (batch, d_inner, time),
+        to (batch, time, d_model)."""
+        return self.out_proj((y * F.silu(z)).to(z.dtype).transpose(1, 2))
+
+    def allocate_cache(self, batch_size, dtype=None, device=None):
+        """Zero states for recurrent decoding, as ``mamba_ssm``'s ``allocate_inference_cache``.
 
         Returns conv_state (batch, d_inner, d_conv), the last d_conv inputs of the convolution (newest
         last), in the convolution's dtype; and ssm_state (batch, d_inner, d_state) in ``dt_proj``'s dtype
-        (float32 under mixed precision) unless ``dtype`` is given.
+        (float32 under mixed precision) unless ``dtype`` is given. A mixer with ``recurrent_backward``
+        gets a second pair for its backward direction: (conv_state, ssm_state, conv_state_b, ssm_state_b).
         """
-        self._check_unidirectional()
+        if not self.recurrent_backward:
+            self._check_unidirectional()
         device = device or self.conv1d.weight.device
         d_conv = self.conv1d.weight.shape[-1]
-        conv_state = torch.zeros(
-            batch_size, self.d_inner, d_conv, dtype=dtype or self.conv1d.weight.dtype, device=device
-        )
-        ssm_state = torch.zeros(
-            batch_size, self.d_inner, self.d_state, dtype=dtype or self.dt_proj.weight.dtype, device=device
-        )
-        return conv_state, ssm_state
+        conv_dtype, ssm_dtype = dtype or self.conv1d.weight.dtype, dtype or self.dt_proj.weight.dtype
+        states = ()
+        for _ in self.directions:
+            conv_state = torch.zeros(batch_size, self.d_inner, d_conv, dtype=conv_dtype, device=device)
+            ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, dtype=ssm_dtype, device=device)
+            states += (conv_state, ssm_state)
+        return states
 
     def _forward_from_cache(self, hidden, lengths, cache):
         """Scans a whole chunk in parallel starting from ``cache``, then overwrites the cache in place.
 
-        Per-row lengths are exact (see :meth:`_scan_from_cache`). Meant for inference: the in-place
+        Per-row lengths are exact (see :meth:`scan_direction`). Meant for inference: the in-place
         update is not differentiable.
         """
         self._check_unidirectional()
         batch, time, _ = hidden.shape
         if lengths is None:
             lengths = torch.full((batch,), time, device=hidden.device)
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, time) each
-        y = self._scan_from_cache(x, lengths, *cache)
-        return self.out_proj((y * F.silu(z)).transpose(1, 2))
+        x, z = self.project(hidden)
+        return self.output(self.scan_direction(x, lengths, *cache), z)
 
-    def _scan_from_cache(self, x, lengths, conv_state, ssm_state, suffix=""):
-        """Convolution and scan of one direction (``suffix`` "" or "_b") over x (batch, d_inner, time).
+    def scan_direction(self, x, lengths, conv_state, ssm_state, backward=False):
+        """Convolution and scan of one direction (the forward one, or the ``backward`` one) over x
+        (batch, d_inner, time) from :meth:`project`, in the order given, from its (conv_state, ssm_state),
+        which are overwritten in place.
 
         The scan treats padded frames as identity steps and the conv_state is gathered at each row's
         last valid frame, so the states hold every row's state after its own valid frames (on a GPU the
         Triton kernel runs this, initial state included). Returns y (batch, d_inner, time), before
-        gating, 0 at padded frames.
+        gating, 0 at padded frames. Inference only: not differentiable.
         """
-        conv1d, x_proj, dt_proj = (getattr(self, name + suffix) for name in ("conv1d", "x_proj", "dt_proj"))
+        conv1d, x_proj, dt_proj, A_log, D = self.direction(backward)
         d_conv = conv_state.shape[-1]
         history = torch.cat([conv_state.to(x.dtype), x], dim=2)  # cached inputs, then the new ones
         window = lengths[:, None] + torch.arange(d_conv, device=x.device)  # ends at the last valid frame
@@ -266,10 +321,10 @@ class Mamba(nn.Module):
         y, last_state = directional_scan(
             x,
             F.linear(dt, dt_proj.weight),
-            -torch.exp(getattr(self, "A_log" + suffix).float()),
+            -torch.exp(A_log.float()),
             B[:, :, None],
             C[:, :, None],
-            D=getattr(self, "D" + suffix).float(),
+            D=D.float(),
             delta_bias=dt_proj.bias.float(),
             lengths=lengths,
             initial_state=ssm_state,
@@ -283,17 +338,17 @@ class Mamba(nn.Module):
     def step(self, hidden, cache):
         """Adds one token: hidden (batch, 1, d_model) -> (batch, 1, d_model), updating ``cache`` in place.
 
-        The cost is O(1) in the length of what came before (see :meth:`_step_direction`).
+        The cost is O(1) in the length of what came before (see :meth:`step_direction`).
         """
         self._check_unidirectional()
-        x, z = self.in_proj(hidden.squeeze(1)).chunk(2, dim=-1)  # (batch, d_inner) each
-        y = self._step_direction(x, *cache) * F.silu(z)
-        return self.out_proj(y.to(hidden.dtype)).unsqueeze(1)
+        x, z = self.project(hidden)  # (batch, d_inner, 1) each
+        return self.output(self.step_direction(x[..., 0], *cache)[..., None], z)
 
-    def _step_direction(self, x, conv_state, ssm_state, suffix=""):
-        """One recurrent step of one direction for x (batch, d_inner): roll the convolution window,
-        then h = exp(delta * A) * h + delta * B * x. Returns y (batch, d_inner), before gating."""
-        conv1d, x_proj, dt_proj = (getattr(self, name + suffix) for name in ("conv1d", "x_proj", "dt_proj"))
+    def step_direction(self, x, conv_state, ssm_state, backward=False):
+        """One recurrent step of one direction (the forward one, or the ``backward`` one) for x
+        (batch, d_inner): roll the convolution window, then h = exp(delta * A) * h + delta * B * x,
+        updating (conv_state, ssm_state) in place. Returns y (batch, d_inner), before gating."""
+        conv1d, x_proj, dt_proj, A_log, D = self.direction(backward)
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
         x = (conv_state * conv1d.weight.squeeze(1)).sum(-1)
@@ -303,9 +358,9 @@ class Mamba(nn.Module):
 
         dt, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(dt_proj(dt))  # (batch, d_inner)
-        decay = torch.exp(delta[..., None] * -torch.exp(getattr(self, "A_log" + suffix).float()))
+        decay = torch.exp(delta[..., None] * -torch.exp(A_log.float()))
         ssm_state.copy_(decay * ssm_state + (delta * x)[..., None] * B[:, None, :])
-        return torch.einsum("bdn,bn->bd", ssm_state, C.to(ssm_state.dtype)) + getattr(self, "D" + suffix).float() * x
+        return torch.einsum("bdn,bn->bd", ssm_state, C.to(ssm_state.dtype)) + D.float() * x
 
     def _check_unidirectional(self):
         """Recurrent decoding needs a causal mixer: a backward direction would read the future."""

@@ -6,10 +6,14 @@ backward direction owns ``conv1d_b, dt_bias_b, A_log_b, D_b`` (the parallel spee
 MADEON, arXiv 2411.06968). Both directions run as one scan: reversed heads are stacked after the forward
 heads and B/C enter as twice the groups.
 
-The unidirectional mixer decodes recurrently, like :class:`.mamba.Mamba`: :meth:`Mamba2.allocate_inference_cache`
+The unidirectional mixer decodes recurrently, like :class:`.mamba.Mamba`: :meth:`Mamba2.allocate_cache`
 makes a (conv_state, ssm_state) pair, ``forward(..., cache=...)`` scans a prefix in parallel from it and
 leaves each row's state after its own last valid frame there, and :meth:`Mamba2.step` adds one token in O(1).
+As in :class:`.mamba.Mamba`, the pieces are public one direction at a time (:meth:`Mamba2.project`,
+:meth:`Mamba2.scan_direction`, :meth:`Mamba2.step_direction`, :meth:`Mamba2.output`, :meth:`Mamba2.direction`).
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +36,15 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y, z):
         y = y * nn.functional.silu(z)
         return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Mamba2Direction(NamedTuple):
+    """The parameters of one direction of a :class:`Mamba2` mixer (``in_proj``/``norm``/``out_proj`` are shared)."""
+
+    conv1d: nn.Conv1d
+    dt_bias: nn.Parameter
+    A_log: nn.Parameter
+    D: nn.Parameter
 
 
 class Mamba2(nn.Module):
@@ -58,6 +71,9 @@ class Mamba2(nn.Module):
     >>> mixer(torch.randn(2, 7, 64), lengths=torch.tensor([7, 3])).shape
     torch.Size([2, 7, 64])
     """
+
+    # Whether a bidirectional mixer may decode recurrently; see :class:`.mamba.Mamba`.
+    recurrent_backward = False
 
     def __init__(
         self,
@@ -94,34 +110,57 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner) if rmsnorm else None
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
+        # state_dict names of the directions' parameters: mamba_ssm's, "_b" for the backward one
         self.suffixes = ("", "_b") if bidirectional else ("",)
-        for suffix in self.suffixes:
-            conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, bias=conv_bias)
-            dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor))
-            A = torch.empty(self.nheads).uniform_(*A_init_range)
-            A_log = nn.Parameter(torch.log(A))
-            D = nn.Parameter(torch.ones(self.nheads))
-            dt_bias._no_weight_decay = A_log._no_weight_decay = D._no_weight_decay = True
-            setattr(self, "conv1d" + suffix, conv1d)
-            setattr(self, "dt_bias" + suffix, dt_bias)
-            setattr(self, "A_log" + suffix, A_log)
-            setattr(self, "D" + suffix, D)
+        direction = dict(
+            conv_dim=conv_dim, d_conv=d_conv, conv_bias=conv_bias, A_init_range=A_init_range,
+            dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
+        )
+        self.conv1d, self.dt_bias, self.A_log, self.D = self._new_direction(**direction)
+        if bidirectional:
+            self.conv1d_b, self.dt_bias_b, self.A_log_b, self.D_b = self._new_direction(**direction)
+
+    def _new_direction(self, conv_dim, d_conv, conv_bias, A_init_range, dt_min, dt_max, dt_init_floor):
+        """Freshly initialised parameters of one direction, as a :class:`Mamba2Direction`."""
+        conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, bias=conv_bias)
+        dt_bias = nn.Parameter(inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor))
+        A = torch.empty(self.nheads).uniform_(*A_init_range)
+        A_log = nn.Parameter(torch.log(A))
+        D = nn.Parameter(torch.ones(self.nheads))
+        dt_bias._no_weight_decay = A_log._no_weight_decay = D._no_weight_decay = True
+        return Mamba2Direction(conv1d, dt_bias, A_log, D)
+
+    def direction(self, backward=False):
+        """The parameters of the forward direction, or of the backward one, as a :class:`Mamba2Direction`."""
+        if not backward:
+            return Mamba2Direction(self.conv1d, self.dt_bias, self.A_log, self.D)
+        if not self.bidirectional:
+            raise ValueError("a unidirectional Mamba2 has no backward direction")
+        return Mamba2Direction(self.conv1d_b, self.dt_bias_b, self.A_log_b, self.D_b)
+
+    @property
+    def directions(self):
+        """The parameters of each direction, forward first (:meth:`direction`)."""
+        if self.bidirectional:
+            return self.direction(), self.direction(backward=True)
+        return (self.direction(),)
 
     def forward(self, hidden, lengths=None, cache=None, reverse_index=None):
         """hidden (batch, time, d_model); lengths (batch,) valid frames, needed when bidirectional.
 
-        ``cache``: a (conv_state, ssm_state) pair (unidirectional mixer only) to continue from; see
-        :meth:`_scan_from_cache`. ``reverse_index`` (batch, time): the self-inverse time gather that
-        feeds the backward direction, instead of reversing each row inside ``lengths`` (MADEON
-        reverses only the speech prefix). Returns (batch, time, d_model).
+        ``cache``: a (conv_state, ssm_state) pair from :meth:`allocate_cache` (unidirectional mixer
+        only) to continue from; see :meth:`scan_direction`. ``reverse_index`` (batch, time): the order
+        in which the backward direction reads the sequence, a self-inverse per-row time gather
+        (:mod:`.reverse`); by default each row is reversed inside ``lengths`` (MADEON reverses only the
+        speech prefix, arXiv 2411.06968). Returns (batch, time, d_model).
         """
         batch, time, _ = hidden.shape
-        z, xBC, dt = self._project(hidden)
+        z, xBC, dt = self.project(hidden)
         if cache is not None:
             self._check_unidirectional()
             if lengths is None:
                 lengths = torch.full((batch,), time, device=hidden.device)
-            return self._output(self._scan_from_cache(xBC, dt, lengths, *cache), z)
+            return self.output(self.scan_direction(xBC, dt, lengths, *cache), z)
         if self.bidirectional:
             if reverse_index is None:
                 if lengths is None:
@@ -159,51 +198,54 @@ class Mamba2(nn.Module):
                 y = 0.5 * y
         else:
             y = y[:, :, 0]
-        return self._output(y, z)
+        return self.output(y, z)
 
-    def _project(self, hidden):
+    def project(self, hidden):
         """in_proj, split into z (batch, time, d_inner), xBC (batch, conv_dim, time), dt (batch, time, heads)."""
         z, xBC, dt = self.in_proj(hidden).split(
             [self.d_inner, self.d_inner + 2 * self.ngroups * self.d_state, self.nheads], dim=-1
         )
         return z, xBC.transpose(1, 2), dt
 
-    def _output(self, y, z):
+    def output(self, y, z):
         """Gate (or gated RMSNorm) and out_proj: y, z (..., d_inner) -> (..., d_model)."""
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return self.out_proj(y.to(z.dtype))
 
-    def allocate_inference_cache(self, batch_size, dtype=None, device=None):
-        """Zero states for recurrent decoding, as in ``mamba_ssm``.
+    def allocate_cache(self, batch_size, dtype=None, device=None):
+        """Zero states for recurrent decoding, as ``mamba_ssm``'s ``allocate_inference_cache``.
 
         Returns conv_state (batch, conv_dim, d_conv), the last d_conv inputs of the convolution (newest
         last), in the convolution's dtype; and ssm_state (batch, heads, headdim, d_state) in float32
-        unless ``dtype`` is given.
+        unless ``dtype`` is given. A mixer with ``recurrent_backward`` gets a second pair for its
+        backward direction: (conv_state, ssm_state, conv_state_b, ssm_state_b).
         """
-        self._check_unidirectional()
-        return self._direction_cache(batch_size, dtype, device)
-
-    def _direction_cache(self, batch_size, dtype=None, device=None):
-        """Zero (conv_state, ssm_state) of one direction."""
+        if not self.recurrent_backward:
+            self._check_unidirectional()
         device = device or self.conv1d.weight.device
         conv_dim, _, d_conv = self.conv1d.weight.shape
-        conv_state = torch.zeros(
-            batch_size, conv_dim, d_conv, dtype=dtype or self.conv1d.weight.dtype, device=device
-        )
-        ssm_state = torch.zeros(
-            batch_size, self.nheads, self.headdim, self.d_state, dtype=dtype or self.A_log.dtype, device=device
-        )
-        return conv_state, ssm_state
+        states = ()
+        for _ in self.directions:
+            conv_state = torch.zeros(
+                batch_size, conv_dim, d_conv, dtype=dtype or self.conv1d.weight.dtype, device=device
+            )
+            ssm_state = torch.zeros(
+                batch_size, self.nheads, self.headdim, self.d_state, dtype=dtype or self.A_log.dtype, device=device
+            )
+            states += (conv_state, ssm_state)
+        return states
 
-    def _scan_from_cache(self, xBC, dt, lengths, conv_state, ssm_state, suffix=""):
-        """Convolution and scan of one direction (``suffix`` "" or "_b") from its states, updated in place.
+    def scan_direction(self, xBC, dt, lengths, conv_state, ssm_state, backward=False):
+        """Convolution and scan of one direction (the forward one, or the ``backward`` one) from its
+        (conv_state, ssm_state), which are overwritten in place.
 
-        xBC (batch, conv_dim, time), dt (batch, time, heads). Padded frames get step size 0 (dt = -inf
-        before the softplus), an identity step of the recurrence, and the conv_state is gathered at each
-        row's last valid frame, so the states hold every row's state after its own valid frames.
-        Returns y (batch, time, d_inner), before gating. Inference only: not differentiable.
+        xBC (batch, conv_dim, time), dt (batch, time, heads) from :meth:`project`, in the order given.
+        Padded frames get step size 0 (dt = -inf before the softplus), an identity step of the
+        recurrence, and the conv_state is gathered at each row's last valid frame, so the states hold
+        every row's state after its own valid frames. Returns y (batch, time, d_inner), before gating.
+        Inference only: not differentiable.
         """
-        conv1d = getattr(self, "conv1d" + suffix)
+        conv1d, dt_bias, A_log, D = self.direction(backward)
         batch, conv_dim, time = xBC.shape
         d_conv = conv_state.shape[-1]
         history = torch.cat([conv_state.to(xBC.dtype), xBC], dim=2)  # cached inputs, then the new ones
@@ -218,11 +260,11 @@ class Mamba2(nn.Module):
         y, last_state = ssd_scan(
             x.reshape(batch, time, self.nheads, self.headdim),
             dt,
-            -torch.exp(getattr(self, "A_log" + suffix).float()),
+            -torch.exp(A_log.float()),
             B.reshape(batch, time, self.ngroups, self.d_state),
             C.reshape(batch, time, self.ngroups, self.d_state),
-            D=getattr(self, "D" + suffix).float(),
-            dt_bias=getattr(self, "dt_bias" + suffix).float(),
+            D=D.float(),
+            dt_bias=dt_bias.float(),
             chunk_size=self.chunk_size,
             initial_state=ssm_state,
             return_final_state=True,
@@ -234,17 +276,18 @@ class Mamba2(nn.Module):
     def step(self, hidden, cache):
         """Adds one token: hidden (batch, 1, d_model) -> (batch, 1, d_model), updating ``cache`` in place."""
         self._check_unidirectional()
-        z, xBC, dt = self._project(hidden)
-        y = self._step_direction(xBC[..., 0], dt[:, 0], *cache)
-        return self._output(y, z[:, 0]).unsqueeze(1)
+        z, xBC, dt = self.project(hidden)
+        y = self.step_direction(xBC[..., 0], dt[:, 0], *cache)
+        return self.output(y, z[:, 0]).unsqueeze(1)
 
-    def _step_direction(self, xBC, dt, conv_state, ssm_state, suffix=""):
-        """One recurrent step of one direction, O(1) in the past: xBC (batch, conv_dim), dt (batch, heads).
+    def step_direction(self, xBC, dt, conv_state, ssm_state, backward=False):
+        """One recurrent step of one direction (the forward one, or the ``backward`` one), O(1) in the
+        past: xBC (batch, conv_dim), dt (batch, heads), updating (conv_state, ssm_state) in place.
 
         Rolls the convolution window, then h = exp(dt * A) * h + dt * x B^T per head; y = h C + D x.
         Returns y (batch, d_inner), before gating.
         """
-        conv1d = getattr(self, "conv1d" + suffix)
+        conv1d, dt_bias, A_log, D = self.direction(backward)
         batch = xBC.shape[0]
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = xBC
@@ -259,12 +302,12 @@ class Mamba2(nn.Module):
         C = C.view(batch, self.ngroups, self.d_state).repeat_interleave(heads_per_group, dim=1)
         x = x.view(batch, self.nheads, self.headdim).to(ssm_state.dtype)
 
-        dt = F.softplus(dt.float() + getattr(self, "dt_bias" + suffix).float())  # (batch, heads)
-        decay = torch.exp(dt * -torch.exp(getattr(self, "A_log" + suffix).float()))
+        dt = F.softplus(dt.float() + dt_bias.float())  # (batch, heads)
+        decay = torch.exp(dt * -torch.exp(A_log.float()))
         update = (dt[..., None] * x)[..., None] * B[:, :, None, :].to(ssm_state.dtype)
         ssm_state.copy_(decay[..., None, None] * ssm_state + update)
         y = torch.einsum("bhpn,bhn->bhp", ssm_state, C.to(ssm_state.dtype))
-        y = y + getattr(self, "D" + suffix).float()[:, None] * x
+        y = y + D.float()[:, None] * x
         return y.reshape(batch, self.d_inner)
 
     def _check_unidirectional(self):

@@ -108,7 +108,7 @@ def _step_size(delta_raw, bias, valid, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _scan_fwd_kernel(
+def scan_forward_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, lengths_ptr, h0_ptr,
     out_ptr, last_ptr, checkpoint_ptr,
     DIM,
@@ -177,7 +177,7 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _scan_bwd_kernel(
+def scan_backward_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, lengths_ptr, checkpoint_ptr, scratch_ptr,
     grad_out_ptr, grad_last_ptr,
     grad_u_ptr, grad_delta_ptr, grad_B_ptr, grad_C_ptr, grad_z_ptr, grad_A_ptr, grad_D_ptr, grad_bias_ptr,
@@ -319,7 +319,7 @@ def directional_scan_fwd(
     last = u.new_empty(batch, state, channels, dtype=torch.float32)
     checkpoints = u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
     grid = (triton.cdiv(dim, FORWARD["BLOCK_D"]) * split, batch, directions)
-    _scan_fwd_kernel[grid](
+    scan_forward_kernel[grid](
         u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, h0, out, last, checkpoints,
         dim, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *out.stride(),
         *checkpoints.stride()[:3],
@@ -366,7 +366,7 @@ def directional_scan_bwd(
     grad_bias = u.new_empty(split, batch, channels, dtype=torch.float32)  # one partial sum per part
     grad_h0 = torch.empty_like(grad_A)
     scratch = u.new_empty(blocks * split * batch * directions, BLOCK_T, state // split, block_d, dtype=torch.float32)
-    _scan_bwd_kernel[(blocks * split, batch, directions)](
+    scan_backward_kernel[(blocks * split, batch, directions)](
         u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
         grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None,
         grad_u, grad_delta, grad_B, grad_C, grad_z, grad_A, grad_D, grad_bias, grad_h0,

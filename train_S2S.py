@@ -33,9 +33,9 @@ from speechbrain.utils.distributed import run_on_main
 
 from modules.front_end import encoder_input
 from librispeech_prepare import prepare_librispeech
-from modules.hparams import load_hparams
+from modules.training.hparams import load_hparams
 from modules.inference import export_inference_folder
-from modules.recipe import (
+from modules.training.recipe import (
     RecipeBrain,
     add_audio_pipelines,
     csv_name,

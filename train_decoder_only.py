@@ -31,9 +31,9 @@ from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.utils.distributed import run_on_main
 
 from librispeech_prepare import prepare_librispeech
-from modules.hparams import load_hparams
+from modules.training.hparams import load_hparams
 from modules.inference import export_inference_folder
-from modules.recipe import (
+from modules.training.recipe import (
     RecipeBrain,
     csv_name,
     evaluate_test_sets,

@@ -34,7 +34,7 @@ import torch
 from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 from speechbrain.inference.interfaces import Pretrained
 
-from modules.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
+from modules.training.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
 from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
 
 logger = logging.getLogger(__name__)

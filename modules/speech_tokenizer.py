@@ -32,9 +32,9 @@ from speechbrain.augment.time_domain import SpeedPerturb
 from speechbrain.lobes.features import Fbank
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 
-from modules.checkpointing import atomic_write
-from modules.data_checks import read_checked_audio, read_csv
-from modules.text_tokenizer import train_sentencepiece
+from modules.training.checkpointing import atomic_write
+from modules.training.data_checks import read_checked_audio, read_csv
+from modules.training.sentencepiece_models import train_sentencepiece
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class SpeechUnitTokenizer:
     seed : int
     bad_data : str
         Audio that does not decode or is not at ``sample_rate`` Hz: "fail" raises naming the file, "skip"
-        leaves the utterance out of the unit manifests (see :mod:`modules.data_checks`).
+        leaves the utterance out of the unit manifests (see :mod:`modules.training.data_checks`).
     sample_rate : int
     speeds : list of int
         Speed perturbation: the training set is tokenized once per speed, in % of the recorded speed
@@ -405,7 +405,7 @@ def train_joint_sentencepiece(
     ``text_repeats`` times. Ids: ``<unk>`` = 0, the end token ``</s>`` = 1, then the four special
     symbols (``<generatetext>`` = 3, ``<startofspeech>`` = 4). No dummy prefix, so a line encodes
     directly as ``[<startofspeech>, units.., <generatetext>, ▁words..]``. Trained again only when the text or
-    the options change (modules/text_tokenizer.py).
+    the options change (modules/training/sentencepiece_models.py).
     """
     train_sentencepiece(
         (sequence_text(row["units"], row["wrd"].lower(), text_repeats) for row in read_csv(units_csv)),

@@ -16,7 +16,7 @@ import pytest
 import soundfile
 
 from librispeech_prepare import prepare_librispeech
-from modules.data_checks import BadDataError
+from modules.training.data_checks import BadDataError
 from modules.speech_tokenizer import FbankFeatures, SpeechUnitTokenizer
 from recipe_runs import DEMO_DATA, run_tiny_ctc
 from reliability_report import record

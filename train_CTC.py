@@ -25,7 +25,7 @@ import torch
 import speechbrain as sb
 from speechbrain.utils.distributed import run_on_main
 
-from modules.front_end import encoder_input
+from modules.models.front_end import encoder_input
 from librispeech_prepare import prepare_librispeech
 from modules.training.hparams import load_hparams
 from modules.inference import export_inference_folder

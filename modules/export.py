@@ -1,6 +1,6 @@
 """TorchScript export of a CTC ConMamba model: waveform -> CTC log-probabilities, any audio length.
 
-The exported graph is what ``train_CTC.py`` computes at test (``modules.front_end.WaveformEncoder``):
+The exported graph is what ``train_CTC.py`` computes at test (``modules.models.front_end.WaveformEncoder``):
 Fbank -> global normalization -> CNN front-end (exact frame counts) -> speech encoder -> CTC head ->
 log-softmax, for a padded batch with relative lengths. It
 is made with ``torch.jit.trace`` and needs no package beyond PyTorch to run (``torch.jit.load``).
@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from modules.front_end import WaveformEncoder
+from modules.models.front_end import WaveformEncoder
 from modules.inference import load_asr
 from modules.mamba.mamba import Mamba
 from modules.mamba.mamba2 import Mamba2

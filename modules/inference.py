@@ -235,7 +235,7 @@ class ExactLengthsEncoderASR(EncoderASR):
 
     SpeechBrain's ``transcribe_batch`` hands the search the waveforms' relative lengths, which round to
     one frame too few or too many for a short utterance padded next to a long one; the encoder
-    (``modules.front_end.WaveformEncoder``) returns the exact ones, so a batch transcribes each file
+    (``modules.models.front_end.WaveformEncoder``) returns the exact ones, so a batch transcribes each file
     as it transcribes alone.
     """
 

@@ -12,7 +12,7 @@ from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher
 
 
 class S2SMambaBeamSearcher(S2STransformerBeamSearcher):
-    """Beam search for an ``EncoderDecoderASR`` whose decoder has a cache (``MambaDecoder``).
+    """Beam search for a ``Seq2SeqModel`` whose decoder has a cache (``MambaDecoder``).
 
     Takes the arguments of ``S2STransformerBeamSearcher``: ``modules=[model, seq_lin]`` (``seq_lin`` a
     SpeechBrain ``Linear``), ``temperature``
@@ -22,12 +22,12 @@ class S2SMambaBeamSearcher(S2STransformerBeamSearcher):
     Example
     -------
     >>> from speechbrain.lobes.models.transformer.Transformer import NormalizedEmbedding, PositionalEncoding
-    >>> from modules.conmamba import ConMambaEncoder
-    >>> from modules.encoder_decoder import EncoderDecoderASR
-    >>> from modules.mamba_decoder import MambaDecoder
-    >>> from modules.speech_encoder import SpeechEncoder
+    >>> from modules.models.conmamba import ConMambaEncoder
+    >>> from modules.models.seq2seq import Seq2SeqModel
+    >>> from modules.models.mamba_decoder import MambaDecoder
+    >>> from modules.models.speech_encoder import SpeechEncoder
     >>> from speechbrain.nnet.linear import Linear
-    >>> model = EncoderDecoderASR(
+    >>> model = Seq2SeqModel(
     ...     encoder=SpeechEncoder(40, 32, ConMambaEncoder(num_layers=1, d_model=32, d_ffn=64, kernel_size=5)),
     ...     decoder=MambaDecoder(num_layers=1, d_model=32, d_ffn=64),
     ...     tgt_embedding=NormalizedEmbedding(32, 10),

@@ -8,7 +8,7 @@ Chunk by chunk, the recognizer computes exactly what the whole utterance would g
   still need is kept and the front-end re-run over it with each chunk;
 - the global feature normalization is frame-wise;
 - the causal encoder carries each layer's Mamba (conv, ssm) states and the convolution module's left
-  context (:meth:`modules.conmamba.ConMambaEncoder.allocate_cache`).
+  context (:meth:`modules.models.conmamba.ConMambaEncoder.allocate_cache`).
 
 The Fbank of a streaming model must be :class:`StreamableFbank`: SpeechBrain's clips each utterance
 80 dB below its own loudest value, which is only known at the end.

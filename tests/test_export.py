@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modules.export import export_ctc
-from modules.front_end import WaveformEncoder
+from modules.models.front_end import WaveformEncoder
 from modules.mamba.selective_scan import scan_loop, selective_scan_ref
 from recipe_runs import ROOT
 from test_streaming import load_tiny

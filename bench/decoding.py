@@ -33,8 +33,7 @@ from speechbrain.decoders.scorer import ScorerBuilder  # noqa: E402
 from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher  # noqa: E402
 
 from bench.benchmark import DTYPES, FRAME_SECONDS, median_ms, write_results  # noqa: E402
-from modules.decoder_only_search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer  # noqa: E402
-from modules.searchers import S2SMambaBeamSearcher  # noqa: E402
+from modules.search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer, S2SMambaBeamSearcher  # noqa: E402
 
 logger = logging.getLogger("decoding")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modules.decoder_only_search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer
+from modules.search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer
 from modules.models.madeon import MadeonLM, TransformerDecoderOnly, prefix_reversal_index
 
 VOCAB, GENERATE_TEXT, START_OF_SPEECH, EOS = 40, 3, 4, 1

@@ -17,7 +17,7 @@ from speechbrain.nnet.linear import Linear
 from modules.models.conmamba import ConMambaEncoder
 from modules.models.seq2seq import Seq2SeqModel
 from modules.models.mamba_decoder import MambaDecoder
-from modules.searchers import S2SMambaBeamSearcher
+from modules.search import S2SMambaBeamSearcher
 from modules.models.speech_encoder import SpeechEncoder
 
 D_MODEL, VOCAB, FEATURES = 32, 20, 40

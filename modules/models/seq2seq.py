@@ -8,7 +8,7 @@ arguments, so swapping encoder or decoder is a yaml change. Like SpeechBrain's `
 ``forward`` is the teacher-forced training pass and ``decode`` also serves the uncached beam search
 (``S2STransformerBeamSearcher`` calls ``model.decode(prefix, encoder_out, enc_lens)``); ``init_cache``,
 ``decode_step`` and ``reorder_cache`` serve the recurrent search of decoders that have a cache
-(``modules.searchers``). With the Conformer encoder and Transformer decoder this is exactly
+(``modules.search``). With the Conformer encoder and Transformer decoder this is exactly
 SpeechBrain's ``TransformerASR`` (tests/test_s2s_hparams.py).
 """
 

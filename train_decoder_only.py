@@ -42,13 +42,8 @@ from modules.training.recipe import (
     lock_output_folder,
     prepare_manifests,
 )
-from modules.speech_tokenizer import (
-    GENERATE_TEXT,
-    SPEED_PERTURBED_TRAIN,
-    TRAIN,
-    sequence_text,
-    train_joint_sentencepiece,
-)
+from modules.units.manifests import SPEED_PERTURBED_TRAIN, TRAIN
+from modules.units.tokens import GENERATE_TEXT, sequence_text, train_joint_sentencepiece
 
 IGNORE_INDEX = -100  # targets that are not scored: speech units and the prefix
 

@@ -9,7 +9,7 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
 * ``ngram_lm.arpa``: the word LM of a CTC model's beam search, when it has one;
 * ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``,
   and ``unit_encoder/``, a copy of the CTC model's inference folder when the speech units are a layer
-  of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`);
+  of a trained CTC encoder (:class:`modules.units.features.EncoderFeatures`);
 * ``modules/``, a copy of this package, whose classes ``hyperparams.yaml`` builds, and ``custom.py``,
   which names the interface class ``ASR`` for SpeechBrain's ``foreign_class``: the folder loads from any
   working directory, without this repository (the code shipped in the folder, SpeechBrain's way).
@@ -35,7 +35,7 @@ from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 from speechbrain.inference.interfaces import Pretrained
 
 from modules.training.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
-from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
+from modules.units.tokens import deduplicate, prompt_text, units_to_text
 
 logger = logging.getLogger(__name__)
 UNIT_ENCODER = "unit_encoder"  # where a decoder-only folder keeps the CTC model its units come from
@@ -183,7 +183,7 @@ def load_model_strictly(model, path):
 
 
 def load_kmeans(kmeans, path):
-    """Pretrainer hook: k-means centroids (:meth:`modules.speech_tokenizer.KMeans.load`)."""
+    """Pretrainer hook: k-means centroids (:meth:`modules.units.kmeans.KMeans.load`)."""
     kmeans.load(path)
 
 

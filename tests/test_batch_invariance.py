@@ -103,7 +103,7 @@ def test_s2s_log_probabilities_do_not_depend_on_the_batch(name, tmp_path):
 
 def test_unit_encoder_layers_do_not_depend_on_the_batch(tmp_path):
     # The decoder-only demos take their speech units from a layer of the CTC encoder, run by the
-    # inference folder's WaveformEncoder (modules.speech_tokenizer.EncoderFeatures): every layer's output.
+    # inference folder's WaveformEncoder (modules.units.features.EncoderFeatures): every layer's output.
     hparams = load("CTC", "demo_conmamba.yaml", tmp_path)
     encoder = WaveformEncoder(*(hparams[k] for k in ("compute_features", "normalize", "CNN", "speech_encoder")))
     encoder.eval()

@@ -34,7 +34,7 @@ from speechbrain.utils.distributed import run_on_main
 from modules.models.front_end import encoder_input
 from librispeech_prepare import prepare_librispeech
 from modules.training.hparams import load_hparams
-from modules.inference import export_inference_folder
+from modules.inference.folders import export_inference_folder
 from modules.training.recipe import (
     RecipeBrain,
     add_audio_pipelines,

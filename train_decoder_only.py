@@ -32,7 +32,7 @@ from speechbrain.utils.distributed import run_on_main
 
 from librispeech_prepare import prepare_librispeech
 from modules.training.hparams import load_hparams
-from modules.inference import export_inference_folder
+from modules.inference.folders import export_inference_folder
 from modules.training.recipe import (
     RecipeBrain,
     csv_name,

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from modules.export import export_ctc
+from modules.inference.export import export_ctc
 from modules.models.front_end import WaveformEncoder
 from modules.mamba.selective_scan import scan_loop, selective_scan_ref
 from recipe_runs import ROOT

@@ -11,7 +11,8 @@ import speechbrain as sb
 import torch
 from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
-from modules.inference import MadeonASR, load_asr
+from modules.inference.folders import load_asr
+from modules.inference.interfaces import MadeonASR
 from recipe_runs import run_script, tiny_ctc_run, wer_file_hypotheses, yaml_top_level
 from test_train_decoder_only import FAMILIES, FBANK_UNITS, TINY
 from test_train_s2s import TINY_MAMBA, TINY_MODEL, TINY_RUN

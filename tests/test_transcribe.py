@@ -15,7 +15,7 @@ import soundfile
 import torch
 import torchaudio
 
-from modules.inference import load_asr
+from modules.inference.folders import load_asr
 from recipe_runs import tiny_ctc_run
 from reliability_report import record
 from test_checkpoints import OpensAFile

@@ -85,7 +85,7 @@ class SpeechEncoder(torch.nn.Module):
         x = self.input_projection(x)
 
         # True at padded frames, as expected by src_key_padding_mask. (Not SpeechBrain's length_to_mask:
-        # its len() would freeze the batch size of a traced model, see modules/export.py.)
+        # its len() would freeze the batch size of a traced model, see modules/inference/export.py.)
         abs_lens = torch.round(wav_lens * x.shape[1])
         mask = torch.arange(x.shape[1], device=x.device) >= abs_lens[:, None]
 

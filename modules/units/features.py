@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from speechbrain.lobes.features import Fbank
 
-from modules.inference import load_asr
+from modules.inference.folders import load_asr
 from modules.units.manifests import file_hash
 
 

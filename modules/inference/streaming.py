@@ -17,7 +17,7 @@ The Fbank of a streaming model must be :class:`StreamableFbank`: SpeechBrain's c
 import torch
 from speechbrain.lobes.features import Fbank
 
-from modules.inference import load_asr
+from modules.inference.folders import load_asr
 
 
 class StreamableFbank(Fbank):
@@ -57,7 +57,7 @@ class StreamingCTC:
     def __init__(self, compute_features, normalize, CNN, speech_encoder, ctc_lin, tokenizer=None, blank_index=0):
         if not isinstance(compute_features, StreamableFbank):
             raise ValueError(
-                "streaming needs compute_features: !new:modules.streaming.StreamableFbank in the yaml "
+                "streaming needs compute_features: !new:modules.inference.streaming.StreamableFbank in the yaml "
                 "(SpeechBrain's Fbank clips each utterance relative to its loudest frame); "
                 "see hparams/CTC/demo_conmamba_causal.yaml"
             )

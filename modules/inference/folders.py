@@ -10,16 +10,16 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
 * ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``,
   and ``unit_encoder/``, a copy of the CTC model's inference folder when the speech units are a layer
   of a trained CTC encoder (:class:`modules.units.features.EncoderFeatures`);
-* ``modules/``, a copy of this package, whose classes ``hyperparams.yaml`` builds, and ``custom.py``,
+* ``modules/``, a copy of the ``modules`` package, whose classes ``hyperparams.yaml`` builds, and ``custom.py``,
   which names the interface class ``ASR`` for SpeechBrain's ``foreign_class``: the folder loads from any
   working directory, without this repository (the code shipped in the folder, SpeechBrain's way).
 
 The folder loads offline with the class its yaml names (:func:`load_asr`): SpeechBrain's ``EncoderASR``
-(CTC) and ``EncoderDecoderASR`` (joint CTC/attention), searching each utterance's exact frames
-(:class:`ExactLengthsEncoderASR`, :class:`ExactLengthsEncoderDecoderASR`), or :class:`MadeonASR`
-(decoder-only over speech units); or, from anywhere, ``foreign_class(source=folder, savedir=folder,
-pymodule_file="custom.py", classname="ASR")``. A folder is code (its ``hyperparams.yaml`` builds
-objects, ``modules/`` is imported): load only folders you trust.
+(CTC) and ``EncoderDecoderASR`` (joint CTC/attention), searching each utterance's exact frames, or
+``MadeonASR`` (decoder-only over speech units), all in :mod:`modules.inference.interfaces`; or, from
+anywhere, ``foreign_class(source=folder, savedir=folder, pymodule_file="custom.py", classname="ASR")``.
+A folder is code (its ``hyperparams.yaml`` builds objects, ``modules/`` is imported): load only folders
+you trust.
 """
 
 import importlib
@@ -31,15 +31,12 @@ import shutil
 
 import ruamel.yaml
 import torch
-from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
-from speechbrain.inference.interfaces import Pretrained
 
 from modules.training.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
-from modules.units.tokens import deduplicate, prompt_text, units_to_text
 
 logger = logging.getLogger(__name__)
 UNIT_ENCODER = "unit_encoder"  # where a decoder-only folder keeps the CTC model its units come from
-PACKAGE = os.path.dirname(os.path.abspath(__file__))  # modules/, copied into each inference folder
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # modules/, copied into each inference folder
 TEMPLATES = os.path.join(os.path.dirname(PACKAGE), "hparams", "inference")
 CODE_FILE = "custom.py"  # SpeechBrain's default pymodule_file
 NGRAM_LM = "ngram_lm.arpa"  # where a CTC folder keeps the word LM of its beam search
@@ -88,7 +85,7 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
 
 
 def ship_code(folder, interface):
-    """Copies this package's Python files to ``<folder>/modules/`` and writes ``<folder>/custom.py``,
+    """Copies the ``modules`` package's Python files to ``<folder>/modules/`` and writes ``<folder>/custom.py``,
     which imports the interface class as ``ASR``: SpeechBrain's ``foreign_class`` puts the folder on
     ``sys.path`` and loads it, so that the yaml's ``modules.*`` classes are found anywhere."""
     shutil.copytree(
@@ -185,75 +182,3 @@ def load_model_strictly(model, path):
 def load_kmeans(kmeans, path):
     """Pretrainer hook: k-means centroids (:meth:`modules.units.kmeans.KMeans.load`)."""
     kmeans.load(path)
-
-
-class MadeonASR(Pretrained):
-    """Decoder-only ASR over discrete speech units (MADEON and its Transformer baseline), in the manner
-    of SpeechBrain's ``SpeechLLMASR``: waveform -> unit features -> k-means units -> de-duplication ->
-    unit characters -> prompt ``<startofspeech>units`` -> beam search -> text.
-
-    The yaml gives the modules ``unit_features``, ``kmeans``, ``lm`` and the hparams ``tokenizer``
-    (a ``SentencePieceProcessor``) and ``searcher`` (``DecoderOnlyBeamSearcher``).
-    """
-
-    HPARAMS_NEEDED = ["tokenizer", "searcher"]
-    MODULES_NEEDED = ["unit_features", "kmeans", "lm"]
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tokenizer = self.hparams.tokenizer
-
-    def prompt(self, wav):
-        """One waveform (samples,) -> its prompt token ids, as the recipe's test prefix."""
-        features = self.mods.unit_features(wav.float().to(self.device)).to(self.device)
-        units = deduplicate(self.mods.kmeans(features))
-        return self.tokenizer.encode_as_ids(prompt_text(units_to_text(units)))
-
-    @torch.no_grad()
-    def transcribe_batch(self, wavs, wav_lens):
-        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, token id lists)."""
-        samples = (wav_lens * wavs.shape[1]).round().long()
-        prompts = [self.prompt(wav[:n]) for wav, n in zip(wavs, samples)]
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        prefix = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            prefix[row, : len(prompt)] = torch.tensor(prompt)
-        tokens, _ = self.hparams.searcher(prefix, lengths)
-        return [" ".join(self.tokenizer.decode_ids(t).split()) for t in tokens], tokens  # words, single-spaced
-
-    def transcribe_file(self, path, **kwargs):
-        """Transcribes one audio file (resampled to the model's rate, mixed to mono)."""
-        wav = self.load_audio(path, **kwargs)
-        return self.transcribe_batch(wav[None], torch.tensor([1.0]))[0][0]
-
-    def forward(self, wavs, wav_lens):
-        return self.transcribe_batch(wavs, wav_lens)
-
-
-class ExactLengthsEncoderASR(EncoderASR):
-    """SpeechBrain's ``EncoderASR`` whose CTC search reads each utterance's exact number of frames.
-
-    SpeechBrain's ``transcribe_batch`` hands the search the waveforms' relative lengths, which round to
-    one frame too few or too many for a short utterance padded next to a long one; the encoder
-    (``modules.models.front_end.WaveformEncoder``) returns the exact ones, so a batch transcribes each file
-    as it transcribes alone.
-    """
-
-    @torch.no_grad()
-    def transcribe_batch(self, wavs, wav_lens):
-        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, CTC hypotheses)."""
-        log_probs, lengths = self.mods.encoder.encode(wavs.float().to(self.device), wav_lens.to(self.device))
-        hypotheses = self.decoding_function(log_probs, lengths)
-        return [nbest[0].text for nbest in hypotheses], hypotheses
-
-
-class ExactLengthsEncoderDecoderASR(EncoderDecoderASR):
-    """SpeechBrain's ``EncoderDecoderASR`` whose search reads each utterance's exact number of encoder
-    frames (see :class:`ExactLengthsEncoderASR`)."""
-
-    @torch.no_grad()
-    def transcribe_batch(self, wavs, wav_lens):
-        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, token id lists)."""
-        encoder_out, lengths = self.mods.encoder.encode(wavs.float().to(self.device), wav_lens.to(self.device))
-        tokens, _, _, _ = self.mods.decoder(encoder_out, lengths)
-        return [self.tokenizer.decode_ids(t) for t in tokens], tokens

@@ -11,7 +11,7 @@ scan back-end (:func:`modules.mamba.selective_scan.scan_loop`), a TorchScript fu
 loop stays a loop in the graph: the exported model takes any number of samples. Mamba-1 mixers only
 (the Mamba-2 scan is not scripted).
 
-    python -m modules.export results/<run>/inference ctc_model.pt
+    python -m modules.inference.export results/<run>/inference ctc_model.pt
     model = torch.jit.load("ctc_model.pt"); log_probs = model(wavs, wav_lens)
 """
 
@@ -21,7 +21,7 @@ import contextlib
 import torch
 
 from modules.models.front_end import WaveformEncoder
-from modules.inference import load_asr
+from modules.inference.folders import load_asr
 from modules.mamba.mamba import Mamba
 from modules.mamba.mamba2 import Mamba2
 

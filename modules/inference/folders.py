@@ -31,6 +31,7 @@ import shutil
 
 import ruamel.yaml
 import torch
+from hyperpyyaml import load_hyperpyyaml
 
 from modules.training.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
 
@@ -40,6 +41,38 @@ PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # modules
 TEMPLATES = os.path.join(os.path.dirname(PACKAGE), "hparams", "inference")
 CODE_FILE = "custom.py"  # SpeechBrain's default pymodule_file
 NGRAM_LM = "ngram_lm.arpa"  # where a CTC folder keeps the word LM of its beam search
+
+# Folders written before modules/ was grouped into packages name the old dotted paths in their
+# hyperparams.yaml: here every path a yaml named then, and where it lives now. load_asr replaces them
+# before parsing (such a folder's own modules/ copy keeps the old layout, for foreign_class elsewhere).
+MOVED_PATHS = {
+    "modules.checkpointing.SafeCheckpointer": "modules.training.checkpointing.SafeCheckpointer",
+    "modules.conformer.ConformerEncoder": "modules.models.conformer.ConformerEncoder",
+    "modules.conmamba.ConMambaEncoder": "modules.models.conmamba.ConMambaEncoder",
+    "modules.decoder_only_search.DecoderOnlyBeamSearcher": "modules.search.DecoderOnlyBeamSearcher",
+    "modules.decoder_only_search.FullSequenceScorer": "modules.search.FullSequenceScorer",
+    "modules.decoder_only_search.RecurrentScorer": "modules.search.RecurrentScorer",
+    "modules.encoder_decoder.EncoderDecoderASR": "modules.models.seq2seq.Seq2SeqModel",
+    "modules.front_end.ConvolutionFrontEnd": "modules.models.front_end.ConvolutionFrontEnd",
+    "modules.front_end.WaveformEncoder": "modules.models.front_end.WaveformEncoder",
+    "modules.inference.ExactLengthsEncoderASR": "modules.inference.interfaces.ExactLengthsEncoderASR",
+    "modules.inference.ExactLengthsEncoderDecoderASR": "modules.inference.interfaces.ExactLengthsEncoderDecoderASR",
+    "modules.inference.MadeonASR": "modules.inference.interfaces.MadeonASR",
+    "modules.inference.complete": "modules.inference.folders.complete",
+    "modules.inference.load_kmeans": "modules.inference.folders.load_kmeans",
+    "modules.inference.load_model_strictly": "modules.inference.folders.load_model_strictly",
+    "modules.madeon.MadeonLM": "modules.models.madeon.MadeonLM",
+    "modules.madeon.TransformerDecoderOnly": "modules.models.madeon.TransformerDecoderOnly",
+    "modules.mamba_decoder.MambaDecoder": "modules.models.mamba_decoder.MambaDecoder",
+    "modules.searchers.S2SMambaBeamSearcher": "modules.search.S2SMambaBeamSearcher",
+    "modules.speech_encoder.SpeechEncoder": "modules.models.speech_encoder.SpeechEncoder",
+    "modules.speech_tokenizer.EncoderFeatures": "modules.units.features.EncoderFeatures",
+    "modules.speech_tokenizer.FbankFeatures": "modules.units.features.FbankFeatures",
+    "modules.speech_tokenizer.KMeans": "modules.units.kmeans.KMeans",
+    "modules.speech_tokenizer.SSLFeatures": "modules.units.features.SSLFeatures",
+    "modules.speech_tokenizer.SpeechUnitTokenizer": "modules.units.manifests.UnitManifestWriter",
+    "modules.streaming.StreamableFbank": "modules.inference.streaming.StreamableFbank",
+}
 
 
 def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None):
@@ -127,6 +160,11 @@ class InferenceFolderError(RuntimeError):
     """An inference folder that cannot be loaded; the message names the folder or the file."""
 
 
+def current_paths(yaml_text):
+    """The yaml text with each dotted path of :data:`MOVED_PATHS` replaced by where it lives now."""
+    return re.sub(r"(?<![\w.])modules(?:\.\w+)+", lambda match: MOVED_PATHS.get(match[0], match[0]), yaml_text)
+
+
 def load_asr(folder, device="cpu"):
     """The interface of an inference folder (the class its yaml's ``interface`` names), on ``device``.
 
@@ -134,6 +172,7 @@ def load_asr(folder, device="cpu"):
     A bundled unit encoder is used from the folder's own copy, wherever the folder has been moved.
     Torch files load with ``weights_only=True`` whatever torch's default, and ``model.ckpt`` strictly.
     The folder's ``hyperparams.yaml`` builds objects, i.e. runs code: load only folders you trust.
+    A folder written before modules/ was grouped into packages loads too (:data:`MOVED_PATHS`).
     Raises :class:`InferenceFolderError` naming the file that fails.
     """
     hparams_file = os.path.join(folder, "hyperparams.yaml")
@@ -144,7 +183,8 @@ def load_asr(folder, device="cpu"):
         )
     try:
         with open(hparams_file, encoding="utf-8") as f:
-            interface = ruamel.yaml.YAML().load(f)["interface"]
+            hparams_text = current_paths(f.read())
+        interface = ruamel.yaml.YAML().load(hparams_text)["interface"]
         module_name, class_name = interface.rsplit(".", 1)
         cls = getattr(importlib.import_module(module_name), class_name)
     except Exception as error:
@@ -155,7 +195,7 @@ def load_asr(folder, device="cpu"):
         overrides["ngram_lm_file"] = os.path.join(folder, NGRAM_LM)
     try:
         with weights_only_loading():
-            asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device}, overrides=overrides)
+            asr = from_hparams_text(cls, folder, hparams_text, device, overrides)
     except CheckpointLoadError as error:
         raise InferenceFolderError(str(error)) from error
     except Exception as error:
@@ -165,6 +205,19 @@ def load_asr(folder, device="cpu"):
     if os.path.isdir(os.path.join(folder, UNIT_ENCODER)):
         asr.mods.unit_features.source = os.path.join(folder, UNIT_ENCODER)
     return asr
+
+
+def from_hparams_text(cls, folder, hparams_text, device, overrides):
+    """SpeechBrain's ``cls.from_hparams(source=folder, savedir=folder, ...)``, which reads the yaml from
+    the folder's file, here from ``hparams_text`` (its paths made current): builds the yaml's objects,
+    loads the pretrainer's files in place and returns the interface on ``device``."""
+    hparams = load_hyperpyyaml(hparams_text, overrides)
+    hparams["savedir"] = folder
+    pretrainer = hparams["pretrainer"]
+    pretrainer.set_collect_in(folder)
+    pretrainer.collect_files(default_source=folder)
+    pretrainer.load_collected()
+    return cls(modules=hparams["modules"], hparams=hparams, run_opts={"device": device})
 
 
 def complete(partial, **kwargs):

@@ -25,10 +25,10 @@ import torch
 import speechbrain as sb
 from speechbrain.utils.distributed import run_on_main
 
-from modules.models.front_end import encoder_input
 from librispeech_prepare import prepare_librispeech
-from modules.training.hparams import load_hparams
 from modules.inference.folders import export_inference_folder
+from modules.models.front_end import encoder_input
+from modules.training.hparams import load_hparams
 from modules.training.ngram import prepare_ngram_lm
 from modules.training.recipe import (
     RecipeBrain,

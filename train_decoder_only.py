@@ -31,8 +31,8 @@ from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.utils.distributed import run_on_main
 
 from librispeech_prepare import prepare_librispeech
-from modules.training.hparams import load_hparams
 from modules.inference.folders import export_inference_folder
+from modules.training.hparams import load_hparams
 from modules.training.recipe import (
     RecipeBrain,
     csv_name,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from modules.inference.export import export_ctc
-from modules.models.front_end import WaveformEncoder
 from modules.mamba.selective_scan import scan_loop, selective_scan_ref
+from modules.models.front_end import WaveformEncoder
 from recipe_runs import ROOT
 from test_streaming import load_tiny
 

@@ -15,10 +15,10 @@ from speechbrain.lobes.models.transformer.Transformer import NormalizedEmbedding
 from speechbrain.nnet.linear import Linear
 
 from modules.models.conmamba import ConMambaEncoder
-from modules.models.seq2seq import Seq2SeqModel
 from modules.models.mamba_decoder import MambaDecoder
-from modules.search import S2SMambaBeamSearcher
+from modules.models.seq2seq import Seq2SeqModel
 from modules.models.speech_encoder import SpeechEncoder
+from modules.search import S2SMambaBeamSearcher
 
 D_MODEL, VOCAB, FEATURES = 32, 20, 40
 BOS, EOS, BLANK = 1, 2, 0

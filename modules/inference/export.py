@@ -20,10 +20,10 @@ import contextlib
 
 import torch
 
-from modules.models.front_end import WaveformEncoder
 from modules.inference.folders import load_asr
 from modules.mamba.mamba import Mamba
 from modules.mamba.mamba2 import Mamba2
+from modules.models.front_end import WaveformEncoder
 
 
 @contextlib.contextmanager

@@ -28,8 +28,8 @@ import multiprocessing
 import os
 import unicodedata
 
-from modules.checkpointing import atomic_write
-from modules.data_checks import BadDataError, audio_problem, check_policy
+from modules.training.checkpointing import atomic_write
+from modules.training.data_checks import BadDataError, audio_problem, check_policy
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "
 
 
 # The corpus on disk cannot be turned into manifests as it is: the bad-data error of training
-# (modules/data_checks.py), under the name this script has always raised.
+# (modules/training/data_checks.py), under the name this script has always raised.
 DataPreparationError = BadDataError
 
 
@@ -256,7 +256,7 @@ def normalize_transcript(text):
     Other characters (digits, punctuation, other scripts) are kept: a character
     tokenizer cannot fit them in the output layer, and the recipes then stop at
     start-up naming them and a transcript that has them. Write them out in
-    ``modules.text_tokenizer.ALPHABET`` (``42`` -> ``FORTY TWO``).
+    ``modules.training.sentencepiece_models.ALPHABET`` (``42`` -> ``FORTY TWO``).
     """
     text = unicodedata.normalize("NFKD", text.translate(APOSTROPHES))
     text = "".join(char for char in text if not unicodedata.combining(char))
@@ -304,7 +304,7 @@ def _read_durations(wavs):
 def _read_duration(wav):
     """Return the duration of one audio file, or a BadDataError if it
     is not readable, non-empty 16 kHz audio (the check of training,
-    ``modules.data_checks.audio_problem``)."""
+    ``modules.training.data_checks.audio_problem``)."""
     duration, problem = audio_problem(wav, SAMPLE_RATE)
     if problem is None:
         return duration

@@ -23,8 +23,8 @@ import speechbrain as sb
 import torch
 
 from librispeech_prepare import prepare_librispeech
-from modules.hparams import load_hparams
-from modules.recipe import csv_name, prepare_manifests, train_tokenizer
+from modules.training.hparams import load_hparams
+from modules.training.recipe import csv_name, prepare_manifests, train_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ import speechbrain as sb
 from speechbrain.decoders.scorer import ScorerBuilder
 from speechbrain.utils.distributed import run_on_main
 
-from modules.front_end import encoder_input
 from librispeech_prepare import prepare_librispeech
-from modules.hparams import load_hparams
-from modules.inference import export_inference_folder
-from modules.recipe import (
+from modules.inference.folders import export_inference_folder
+from modules.models.front_end import encoder_input
+from modules.training.hparams import load_hparams
+from modules.training.recipe import (
     RecipeBrain,
     add_audio_pipelines,
     csv_name,

@@ -31,9 +31,9 @@ from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.utils.distributed import run_on_main
 
 from librispeech_prepare import prepare_librispeech
-from modules.hparams import load_hparams
-from modules.inference import export_inference_folder
-from modules.recipe import (
+from modules.inference.folders import export_inference_folder
+from modules.training.hparams import load_hparams
+from modules.training.recipe import (
     RecipeBrain,
     csv_name,
     evaluate_test_sets,
@@ -42,13 +42,8 @@ from modules.recipe import (
     lock_output_folder,
     prepare_manifests,
 )
-from modules.speech_tokenizer import (
-    GENERATE_TEXT,
-    SPEED_PERTURBED_TRAIN,
-    TRAIN,
-    sequence_text,
-    train_joint_sentencepiece,
-)
+from modules.units.manifests import SPEED_PERTURBED_TRAIN, TRAIN
+from modules.units.tokens import GENERATE_TEXT, sequence_text, train_joint_sentencepiece
 
 IGNORE_INDEX = -100  # targets that are not scored: speech units and the prefix
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Transcribes audio files with a trained model: the inference folder a recipe writes at the end of
-training (``<output_folder>/inference``, see modules/inference.py), any paradigm.
+training (``<output_folder>/inference``, see modules/inference/folders.py), any paradigm.
 
 > python transcribe.py --model results/demo_conmamba/3402/inference audio.flac more_audio/ --list files.txt
 
@@ -16,7 +16,7 @@ or one the model fails on) gets one error line on stderr and the others go on; a
 failures. The exit status is 1 if any file failed, 2 if the model could not be loaded.
 
 Recordings longer than ``--chunk_seconds`` (30 s) are transcribed by CTC models piece by piece between
-pauses (``--min_pause_seconds``) and window by window within a piece (modules/long_form.py: windows of
+pauses (``--min_pause_seconds``) and window by window within a piece (modules/inference/long_form.py: windows of
 the chunk plus ``--context_seconds`` each side, log-probabilities stitched and decoded once), in
 bounded memory. Encoder-decoder and decoder-only models decode a file
 whole: longer files are refused with an error (raise ``--chunk_seconds`` to decode them whole anyway).
@@ -33,8 +33,8 @@ from speechbrain.dataio import audio_io
 from speechbrain.inference.ASR import EncoderASR
 from tqdm import tqdm
 
-from modules.inference import InferenceFolderError, load_asr
-from modules.long_form import frame_samples, transcribe_long
+from modules.inference.folders import InferenceFolderError, load_asr
+from modules.inference.long_form import frame_samples, transcribe_long
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
 MIN_SECONDS = 0.04  # shorter audio holds no word, and the recipes' front-ends cannot encode 10 ms of it

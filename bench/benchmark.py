@@ -35,9 +35,9 @@ from speechbrain.lobes.models.transformer.Conformer import ConformerEncoder, Con
 from speechbrain.nnet.activations import Swish  # noqa: E402
 from speechbrain.nnet.attention import RelPosEncXL  # noqa: E402
 
-from modules.conmamba import ConMambaEncoder, ConMambaEncoderLayer  # noqa: E402
 from modules.mamba import scan_cuda  # noqa: E402
 from modules.mamba.scan import pick_backend  # noqa: E402
+from modules.models.conmamba import ConMambaEncoder, ConMambaEncoderLayer  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 

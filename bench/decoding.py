@@ -33,8 +33,7 @@ from speechbrain.decoders.scorer import ScorerBuilder  # noqa: E402
 from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher  # noqa: E402
 
 from bench.benchmark import DTYPES, FRAME_SECONDS, median_ms, write_results  # noqa: E402
-from modules.decoder_only_search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer  # noqa: E402
-from modules.searchers import S2SMambaBeamSearcher  # noqa: E402
+from modules.search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer, S2SMambaBeamSearcher  # noqa: E402
 
 logger = logging.getLogger("decoding")
 
@@ -108,7 +107,7 @@ def bench_madeon(yaml_file, args, device, dtype):
     for seconds in args.seconds:
         units = round(seconds * args.units_per_second)
         prefix = torch.randint(first_unit, hparams["vocab_size"], (1, units + 1), device=device)
-        prefix[0, 0] = hparams["generate_text_index"] + 1  # <startofspeech> (modules/speech_tokenizer.py)
+        prefix[0, 0] = hparams["generate_text_index"] + 1  # <startofspeech> (modules/units/tokens.py)
         lengths = torch.tensor([units + 1], device=device)
         steps = round(seconds * args.tokens_per_second)
         for name, scorer in scorers.items():

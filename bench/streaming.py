@@ -1,4 +1,4 @@
-"""Latency and real-time factor of streaming CTC recognition (modules/streaming.py) by chunk size.
+"""Latency and real-time factor of streaming CTC recognition (modules/inference/streaming.py) by chunk size.
 
 A causal ConMamba CTC model (random weights from a yaml, or a trained inference folder) transcribes
 ``--seconds`` of audio chunk by chunk. For each chunk size it prints the compute time per chunk
@@ -22,7 +22,7 @@ from hyperpyyaml import load_hyperpyyaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.streaming import StreamingCTC  # noqa: E402
+from modules.inference.streaming import StreamingCTC  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

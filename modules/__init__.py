@@ -8,7 +8,7 @@ logging.getLogger("speechbrain.utils.train_logger").addFilter(
     lambda record: "torchvision is not available" not in record.getMessage()
 )
 
-# The CTC recipes' word LM is the ARPA file modules/ngram.py writes (small, loads in well under a
+# The CTC recipes' word LM is the ARPA file modules/training/ngram.py writes (small, loads in well under a
 # second), and the demo's vocabulary is small by design: SpeechBrain's two warnings about that fire on
 # every such run and say nothing a user must act on.
 logging.getLogger("speechbrain.decoders.ctc").addFilter(

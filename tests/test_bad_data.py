@@ -16,8 +16,9 @@ import pytest
 import soundfile
 
 from librispeech_prepare import prepare_librispeech
-from modules.data_checks import BadDataError
-from modules.speech_tokenizer import FbankFeatures, SpeechUnitTokenizer
+from modules.training.data_checks import BadDataError
+from modules.units.features import FbankFeatures
+from modules.units.manifests import UnitManifestWriter
 from recipe_runs import DEMO_DATA, run_tiny_ctc
 from reliability_report import record
 
@@ -169,7 +170,7 @@ def test_skip_leaves_out_bad_utterances_and_training_completes(corpus):
 
 def speech_units(output, bad_data):
     """The unit manifests of train.csv, as train_decoder_only.py computes them (filterbank units)."""
-    tokenizer = SpeechUnitTokenizer(FbankFeatures(), num_clusters=4, kmeans_fraction=1.0, bad_data=bad_data)
+    tokenizer = UnitManifestWriter(FbankFeatures(), num_clusters=4, kmeans_fraction=1.0, bad_data=bad_data)
     train_csv = str(output / "train.csv")
     return tokenizer(train_csv, {"train": train_csv}, output / "tokens")
 

@@ -1,6 +1,6 @@
 """An utterance's output does not depend on its batch: the full model, waveform to log-probabilities, run
 on a short utterance alone and padded next to an utterance 30x longer, agrees to 1e-5 on the short
-utterance's frames, and those frames are exactly as many as its samples give (modules/front_end.py).
+utterance's frames, and those frames are exactly as many as its samples give (modules/models/front_end.py).
 
 Random weights (the demo yamls' models), CPU, eval mode. The recipes' own ``compute_forward`` is run, so
 the test covers what training, validation and test compute.
@@ -14,7 +14,7 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 
-from modules.front_end import WaveformEncoder
+from modules.models.front_end import WaveformEncoder
 from recipe_runs import ROOT
 
 SHORT, LONG = 5920, 30 * 5920  # samples; the issue's case: 10 valid encoder frames, 9 before the fix
@@ -103,7 +103,7 @@ def test_s2s_log_probabilities_do_not_depend_on_the_batch(name, tmp_path):
 
 def test_unit_encoder_layers_do_not_depend_on_the_batch(tmp_path):
     # The decoder-only demos take their speech units from a layer of the CTC encoder, run by the
-    # inference folder's WaveformEncoder (modules.speech_tokenizer.EncoderFeatures): every layer's output.
+    # inference folder's WaveformEncoder (modules.units.features.EncoderFeatures): every layer's output.
     hparams = load("CTC", "demo_conmamba.yaml", tmp_path)
     encoder = WaveformEncoder(*(hparams[k] for k in ("compute_features", "normalize", "CNN", "speech_encoder")))
     encoder.eval()

@@ -1,4 +1,4 @@
-"""Checkpoints survive a killed save, a full disk and bad files (modules/checkpointing.py).
+"""Checkpoints survive a killed save, a full disk and bad files (modules/training/checkpointing.py).
 
 Small in-process checkpointers of a linear layer; the kill/resume of a whole training is in
 test_resume.py.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from modules.checkpointing import CheckpointLoadError, SafeCheckpointer, average_checkpoints
+from modules.training.checkpointing import CheckpointLoadError, SafeCheckpointer, average_checkpoints
 from recipe_runs import ROOT, yaml_top_level
 from reliability_report import record
 
@@ -215,7 +215,7 @@ def test_every_recipe_yaml_uses_the_safe_checkpointer():
     yamls = [os.path.join(ROOT, "hparams", r, f) for r in recipes for f in os.listdir(os.path.join(ROOT, "hparams", r))]
     tags = {path: yaml_top_level(path)["checkpointer"][0] for path in yamls}
     assert len(tags) > 3 * 3
-    assert set(tags.values()) == {"!new:modules.checkpointing.SafeCheckpointer"}, tags
+    assert set(tags.values()) == {"!new:modules.training.checkpointing.SafeCheckpointer"}, tags
 
 
 def test_a_corrupt_checkpoint_leaves_the_kept_set_after_the_fallback(tmp_path, caplog):

@@ -1,5 +1,5 @@
 """Two runs cannot share an output folder: the second stops at start-up naming the run that holds it, and the
-lock of a run killed with SIGKILL does not block the next one (modules/recipe.py: lock_output_folder)."""
+lock of a run killed with SIGKILL does not block the next one (modules/training/recipe.py: lock_output_folder)."""
 
 import os
 import re
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.reliability
 # Holds the output folder's lock as a training run does, then waits to be killed
 HOLDER = """
 import sys, time
-from modules.recipe import lock_output_folder
+from modules.training.recipe import lock_output_folder
 lock_output_folder(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)

@@ -1,5 +1,5 @@
 """A misspelled command-line override or a yaml lacking a key the recipe reads fails at start-up,
-naming the key, before any data preparation or training (modules/hparams.py)."""
+naming the key, before any data preparation or training (modules/training/hparams.py)."""
 
 import ast
 import importlib
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from modules.hparams import WHOLE_NUMBERS
+from modules.training.hparams import WHOLE_NUMBERS
 from recipe_runs import ROOT, run_script, yaml_top_level
 from reliability_report import record
 
@@ -48,11 +48,11 @@ def test_required_hparams_are_the_keys_the_recipe_reads(script):
     shared = {
         alias.name
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "modules.recipe"
+        if isinstance(node, ast.ImportFrom) and node.module == "modules.training.recipe"
         for alias in node.names
     }
     read = keys_read(tree)
-    for definition in parse("modules/recipe.py").body:
+    for definition in parse("modules/training/recipe.py").body:
         if getattr(definition, "name", None) in shared:
             read |= keys_read(definition)
     assert sorted(required_hparams(script)) == sorted(read)

@@ -2,7 +2,7 @@
 
 import torch
 
-from modules.conmamba import ConMambaEncoder
+from modules.models.conmamba import ConMambaEncoder
 
 
 def padded_batch(time=19, d_model=32, seed=0):

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from modules.export import export_ctc
-from modules.front_end import WaveformEncoder
+from modules.inference.export import export_ctc
 from modules.mamba.selective_scan import scan_loop, selective_scan_ref
+from modules.models.front_end import WaveformEncoder
 from recipe_runs import ROOT
 from test_streaming import load_tiny
 

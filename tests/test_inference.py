@@ -4,6 +4,7 @@ decoder-only models) and transcribes every test utterance exactly as the recipe'
 
 import csv
 import os
+import re
 import shutil
 
 import pytest
@@ -11,7 +12,8 @@ import speechbrain as sb
 import torch
 from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
 
-from modules.inference import MadeonASR, load_asr
+from modules.inference.folders import MOVED_PATHS, load_asr
+from modules.inference.interfaces import MadeonASR
 from recipe_runs import run_script, tiny_ctc_run, wer_file_hypotheses, yaml_top_level
 from test_train_decoder_only import FAMILIES, FBANK_UNITS, TINY
 from test_train_s2s import TINY_MAMBA, TINY_MODEL, TINY_RUN
@@ -161,3 +163,45 @@ def test_ctc_folder_decodes_with_its_own_copy_of_the_word_lm_offline(ctc_run, tm
         training_words = {word for row in csv.DictReader(f) for word in row["wrd"].split()}
     assert searcher.lm._unigram_set - {"<s>"} == training_words  # the LM's vocabulary: the training transcripts'
     assert_same_as_recipe(transcripts(asr, ctc_run / "train.csv"), ctc_run / "wer_train.txt")
+
+
+DOTTED_PATH = r"(?<![\w.])modules(?:\.\w+)+"
+
+
+def as_written_before_modules_were_grouped(folder):
+    """Rewrites a folder's yamls (its own and a bundled unit encoder's) and custom.py with the dotted paths
+    that folders exported before modules/ was grouped into packages have (e.g. modules.speech_encoder)."""
+    old_paths = {new: old for old, new in MOVED_PATHS.items()}
+    for path in [*folder.glob("**/hyperparams.yaml"), *folder.glob("**/custom.py")]:
+        text = re.sub(DOTTED_PATH, lambda match: old_paths.get(match[0], match[0]), path.read_text(encoding="utf-8"))
+        assert not set(re.findall(DOTTED_PATH, text)) & set(old_paths), f"{path} still names a current path"
+        path.write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_ctc_folder_written_before_modules_were_grouped_into_packages_loads(ctc_run, tmp_path):
+    folder = as_written_before_modules_were_grouped(shutil.copytree(ctc_run / "inference", tmp_path / "old"))
+    text = (folder / "hyperparams.yaml").read_text(encoding="utf-8")
+    assert "interface: modules.inference.ExactLengthsEncoderASR" in text
+    assert "!new:modules.speech_encoder.SpeechEncoder" in text and "!new:modules.front_end.WaveformEncoder" in text
+    asr = load_asr(folder)
+    assert_same_as_recipe(transcripts(asr, ctc_run / "train.csv"), ctc_run / "wer_train.txt")
+
+
+def test_s2s_folder_written_before_modules_were_grouped_into_packages_loads(s2s_run, tmp_path):
+    folder = as_written_before_modules_were_grouped(shutil.copytree(s2s_run / "inference", tmp_path / "old"))
+    text = (folder / "hyperparams.yaml").read_text(encoding="utf-8")
+    assert "!new:modules.encoder_decoder.EncoderDecoderASR" in text and "!apply:modules.inference.complete" in text
+    asr = load_asr(folder)
+    assert isinstance(asr, EncoderDecoderASR)
+    assert_same_as_recipe(transcripts(asr, s2s_run / "test.csv"), s2s_run / "wer_test.txt")
+
+
+def test_decoder_only_folder_written_before_modules_were_grouped_into_packages_loads(decoder_only_run, tmp_path):
+    folder = as_written_before_modules_were_grouped(shutil.copytree(decoder_only_run / "inference", tmp_path / "old"))
+    text = (folder / "hyperparams.yaml").read_text(encoding="utf-8")
+    assert "interface: modules.inference.MadeonASR" in text and "!new:modules.speech_tokenizer.KMeans" in text
+    assert "!new:modules.speech_encoder.SpeechEncoder" in (folder / "unit_encoder" / "hyperparams.yaml").read_text()
+    asr = load_asr(folder)
+    assert isinstance(asr, MadeonASR)
+    assert_same_as_recipe(transcripts(asr, decoder_only_run / "test.csv"), decoder_only_run / "wer_test.txt")

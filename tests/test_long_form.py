@@ -1,4 +1,4 @@
-"""Long-form CTC transcription (modules/long_form.py): the windows tile the recording, the stitched
+"""Long-form CTC transcription (modules/inference/long_form.py): the windows tile the recording, the stitched
 log-probabilities are the whole recording's where the context covers it, and a recording made of
 utterances end to end is transcribed, across many window boundaries, with about the word error rate of
 the utterances transcribed one by one. That last test needs a trained model, so CI skips it:
@@ -27,8 +27,8 @@ from speechbrain.utils.metric_stats import ErrorRateStats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules.inference import load_asr  # noqa: E402
-from modules.long_form import (  # noqa: E402
+from modules.inference.folders import load_asr  # noqa: E402
+from modules.inference.long_form import (  # noqa: E402
     SPEECH_EDGE_FRAMES,
     frame_samples,
     long_form_log_probs,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from modules.decoder_only_search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer
-from modules.madeon import MadeonLM, TransformerDecoderOnly, prefix_reversal_index
+from modules.models.madeon import MadeonLM, TransformerDecoderOnly, prefix_reversal_index
+from modules.search import DecoderOnlyBeamSearcher, FullSequenceScorer, RecurrentScorer
 
 VOCAB, GENERATE_TEXT, START_OF_SPEECH, EOS = 40, 3, 4, 1
 MAMBA_FAMILIES = [

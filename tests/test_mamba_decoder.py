@@ -2,7 +2,7 @@
 
 import torch
 
-from modules.mamba_decoder import MambaDecoder, packing_index
+from modules.models.mamba_decoder import MambaDecoder, packing_index
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-10)
 D_MODEL = 16

@@ -10,7 +10,7 @@ import pytest
 import torch
 from speechbrain.decoders.ctc import CTCBeamSearcher
 
-from modules.ngram import estimate_arpa, prepare_ngram_lm
+from modules.training.ngram import estimate_arpa, prepare_ngram_lm
 
 WORDS = "the cat dog sat ran on a mat".split()
 

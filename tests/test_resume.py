@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from modules.checkpointing import SafeCheckpointer
+from modules.training.checkpointing import SafeCheckpointer
 from recipe_runs import CTC_DEMO_YAML, DEMO_DATA, ROOT, TINY_CTC_MODEL
 from reliability_report import record
 

@@ -167,7 +167,7 @@ def test_conformer_config_computes_speechbrains_transformer_asr(tmp_path):
     tokens = torch.randint(3, 30, (3, 7))
     tokens[1, 5:] = 0  # padding
     # Whole utterances: on padded ones ours zeroes the convolution modules' padding and SpeechBrain's
-    # does not (modules/conformer.py; tests/test_batch_invariance.py)
+    # does not (modules/models/conformer.py; tests/test_batch_invariance.py)
     wav_lens = torch.ones(3)
     with torch.no_grad():
         encoder_out, decoder_out = ours(src, wav_lens, tokens)

@@ -14,11 +14,11 @@ from speechbrain.decoders.seq2seq import S2STransformerBeamSearcher
 from speechbrain.lobes.models.transformer.Transformer import NormalizedEmbedding, PositionalEncoding
 from speechbrain.nnet.linear import Linear
 
-from modules.conmamba import ConMambaEncoder
-from modules.encoder_decoder import EncoderDecoderASR
-from modules.mamba_decoder import MambaDecoder
-from modules.searchers import S2SMambaBeamSearcher
-from modules.speech_encoder import SpeechEncoder
+from modules.models.conmamba import ConMambaEncoder
+from modules.models.mamba_decoder import MambaDecoder
+from modules.models.seq2seq import Seq2SeqModel
+from modules.models.speech_encoder import SpeechEncoder
+from modules.search import S2SMambaBeamSearcher
 
 D_MODEL, VOCAB, FEATURES = 32, 20, 40
 BOS, EOS, BLANK = 1, 2, 0
@@ -28,7 +28,7 @@ BOS, EOS, BLANK = 1, 2, 0
 def tiny_model():
     """(model, seq_lin, ctc_lin) with random weights, in float64 and eval mode."""
     torch.manual_seed(0)
-    model = EncoderDecoderASR(
+    model = Seq2SeqModel(
         encoder=SpeechEncoder(
             FEATURES, D_MODEL, ConMambaEncoder(num_layers=1, d_model=D_MODEL, d_ffn=64, kernel_size=5)
         ),

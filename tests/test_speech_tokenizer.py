@@ -9,15 +9,12 @@ import pytest
 import torch
 from speechbrain.dataio.dataio import read_audio
 
-from modules.speech_tokenizer import (
+from modules.units.features import EncoderFeatures, FbankFeatures
+from modules.units.kmeans import KMeans
+from modules.units.manifests import SPEED_PERTURBED_TRAIN, TRAIN, UnitManifestWriter
+from modules.units.tokens import (
     GENERATE_TEXT,
-    SPEED_PERTURBED_TRAIN,
     START_OF_SPEECH,
-    TRAIN,
-    EncoderFeatures,
-    FbankFeatures,
-    KMeans,
-    SpeechUnitTokenizer,
     deduplicate,
     sequence_text,
     train_joint_sentencepiece,
@@ -75,7 +72,7 @@ class CountingFeatures(FbankFeatures):
 
 
 def make_tokenizer(num_clusters=12, speeds=(100,), kmeans_fraction=0.5):
-    return SpeechUnitTokenizer(
+    return UnitManifestWriter(
         CountingFeatures(), num_clusters, kmeans_fraction=kmeans_fraction, kmeans_batch_frames=200, speeds=speeds
     )
 
@@ -164,7 +161,7 @@ def test_joint_vocabulary_encodes_speech_prefix_then_text(manifest, tmp_path):
 @pytest.mark.parametrize("speeds", [[], [90, 90], [0, 100], [-10]])
 def test_bad_speeds_are_refused_naming_the_yaml_key(speeds):
     with pytest.raises(ValueError, match="speed_perturb_speeds"):
-        SpeechUnitTokenizer(FbankFeatures(), 4, speeds=speeds)
+        UnitManifestWriter(FbankFeatures(), 4, speeds=speeds)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +200,7 @@ def test_units_of_another_encoder_model_go_to_another_cache_folder(ctc_folder, m
     source = shutil.copytree(ctc_folder, tmp_path / "inference")
 
     def units_folder():
-        tokenizer = SpeechUnitTokenizer(EncoderFeatures(str(source), layer=1), 4, kmeans_fraction=0.25)
+        tokenizer = UnitManifestWriter(EncoderFeatures(str(source), layer=1), 4, kmeans_fraction=0.25)
         return os.path.dirname(tokenizer(manifest, {}, str(tmp_path / "tokens"))[TRAIN])
 
     first = units_folder()

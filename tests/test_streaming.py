@@ -11,7 +11,7 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.dataio import read_audio
 from speechbrain.decoders import ctc_greedy_decode
 
-from modules.streaming import StreamingCTC
+from modules.inference.streaming import StreamingCTC
 from recipe_runs import CTC_DEMO_YAML, DEMO_DATA, ROOT, TINY_CTC_MODEL, run_script, train_losses, yaml_top_level
 
 CAUSAL_DEMO_YAML = os.path.join(ROOT, "hparams", "CTC", "demo_conmamba_causal.yaml")

@@ -1,6 +1,7 @@
-"""The recipes' SentencePiece tokenizer (modules/recipe.py: train_tokenizer, modules/text_tokenizer.py) is
-never trained on a partial or outdated text, never loaded half-written, trains in a folder whose path has a
-space, and has as many tokens as the output layer has outputs."""
+"""The recipes' SentencePiece tokenizer (modules/training/recipe.py: train_tokenizer,
+modules/training/sentencepiece_models.py) is never trained on a partial or outdated text, never loaded
+half-written, trains in a folder whose path has a space, and has as many tokens as the output layer has
+outputs."""
 
 import csv
 import os
@@ -8,7 +9,7 @@ import os
 import pytest
 
 from librispeech_prepare import prepare_librispeech
-from modules.recipe import train_tokenizer
+from modules.training.recipe import train_tokenizer
 from recipe_runs import DEMO_DATA, run_tiny_ctc
 from reliability_report import record
 

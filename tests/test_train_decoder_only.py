@@ -13,7 +13,8 @@ import re
 import pytest
 from test_speech_tokenizer import make_tokenizer, manifest, read_rows  # noqa: F401 (manifest: a fixture)
 
-from modules.speech_tokenizer import SPEED_PERTURBED_TRAIN, TRAIN, sequence_text
+from modules.units.manifests import SPEED_PERTURBED_TRAIN, TRAIN
+from modules.units.tokens import sequence_text
 from recipe_runs import run_script, tiny_ctc_run, train_losses
 from train_decoder_only import prepare_tokens
 
@@ -32,7 +33,7 @@ TINY = [
     "--d_model=32",
     "--dropout=0.0",
 ]
-FBANK_UNITS = "--unit_features=!new:modules.speech_tokenizer.FbankFeatures"  # units that need no CTC model
+FBANK_UNITS = "--unit_features=!new:modules.units.features.FbankFeatures"  # units that need no CTC model
 FAMILIES = {
     "mamba-parallel": (  # also trains on speed-perturbed copies, as the published configs
         "demo_mamba.yaml",

@@ -21,7 +21,7 @@ def test_required_hparams_are_the_keys_the_recipe_reads():
     tree = parse("train_LM.py")
     read = keys_read(tree)
     shared = {"prepare_manifests", "train_tokenizer"}
-    for definition in parse("modules/recipe.py").body:
+    for definition in parse("modules/training/recipe.py").body:
         if getattr(definition, "name", None) in shared:
             read |= keys_read(definition)
     assert sorted(train_LM.REQUIRED_HPARAMS) == sorted(read)

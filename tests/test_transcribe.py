@@ -15,7 +15,7 @@ import soundfile
 import torch
 import torchaudio
 
-from modules.inference import load_asr
+from modules.inference.folders import load_asr
 from recipe_runs import tiny_ctc_run
 from reliability_report import record
 from test_checkpoints import OpensAFile
@@ -211,7 +211,7 @@ def test_a_broken_model_file_is_named_with_its_own_exit_status(folder_copy, audi
 
 
 def test_an_inference_folder_loads_from_another_directory_without_the_repository(ctc_run, audio, tmp_path):
-    """The folder ships its code (modules/, custom.py), SpeechBrain's way: before, modules.speech_encoder
+    """The folder ships its code (modules/, custom.py), SpeechBrain's way: before, modules.models.speech_encoder
     could not be found outside the repository root."""
     _, expected = audio
     moved = tmp_path / "elsewhere" / "inference"

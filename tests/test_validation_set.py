@@ -6,7 +6,7 @@ import os
 import statistics
 
 from librispeech_prepare import prepare_librispeech
-from modules.recipe import load_datasets, prepare_manifests
+from modules.training.recipe import load_datasets, prepare_manifests
 from recipe_runs import DEMO_DATA
 
 

@@ -8,7 +8,7 @@ arguments, so swapping encoder or decoder is a yaml change. Like SpeechBrain's `
 ``forward`` is the teacher-forced training pass and ``decode`` also serves the uncached beam search
 (``S2STransformerBeamSearcher`` calls ``model.decode(prefix, encoder_out, enc_lens)``); ``init_cache``,
 ``decode_step`` and ``reorder_cache`` serve the recurrent search of decoders that have a cache
-(``modules.searchers``). With the Conformer encoder and Transformer decoder this is exactly
+(``modules.search``). With the Conformer encoder and Transformer decoder this is exactly
 SpeechBrain's ``TransformerASR`` (tests/test_s2s_hparams.py).
 """
 
@@ -17,16 +17,16 @@ import torch.nn as nn
 from speechbrain.dataio.dataio import length_to_mask
 from speechbrain.lobes.models.transformer.Transformer import get_lookahead_mask
 
-from modules.initialization import xavier_normal_matrices
+from modules.models.initialization import xavier_normal_matrices
 
 
-class EncoderDecoderASR(nn.Module):
+class Seq2SeqModel(nn.Module):
     """Speech encoder + autoregressive decoder over embedded target tokens.
 
     Arguments
     ---------
     encoder : torch.nn.Module
-        ``encoder(src, wav_lens)`` -> (batch, time, d_model), e.g. ``modules.speech_encoder.SpeechEncoder``.
+        ``encoder(src, wav_lens)`` -> (batch, time, d_model), e.g. ``modules.models.speech_encoder.SpeechEncoder``.
     decoder : torch.nn.Module
         Called like SpeechBrain's ``TransformerDecoder``; its first output is (batch, target_time, d_model).
         ``TransformerDecoder`` also returns attention maps, ``MambaDecoder`` returns None in their place.
@@ -38,16 +38,16 @@ class EncoderDecoderASR(nn.Module):
     xavier_init : bool
         Xavier-normal initialisation of every matrix, as SpeechBrain's ``TransformerASR`` (and hence the
         published Conformer and ConMamba recipes) does, except inside Mamba mixers, which keep Mamba's
-        own initialisation (:func:`modules.initialization.xavier_normal_matrices`;
+        own initialisation (:func:`modules.models.initialization.xavier_normal_matrices`;
         ``ConMambaEncoder(xavier_init=True)`` restores the published quirk for the encoder).
 
     Example
     -------
     >>> from speechbrain.lobes.models.transformer.Transformer import NormalizedEmbedding, PositionalEncoding
-    >>> from modules.conmamba import ConMambaEncoder
-    >>> from modules.mamba_decoder import MambaDecoder
-    >>> from modules.speech_encoder import SpeechEncoder
-    >>> model = EncoderDecoderASR(
+    >>> from modules.models.conmamba import ConMambaEncoder
+    >>> from modules.models.mamba_decoder import MambaDecoder
+    >>> from modules.models.speech_encoder import SpeechEncoder
+    >>> model = Seq2SeqModel(
     ...     encoder=SpeechEncoder(40, 32, ConMambaEncoder(num_layers=1, d_model=32, d_ffn=64, kernel_size=5)),
     ...     decoder=MambaDecoder(num_layers=1, d_model=32, d_ffn=64),
     ...     tgt_embedding=NormalizedEmbedding(32, 10),

@@ -1,6 +1,6 @@
 """TorchScript export of a CTC ConMamba model: waveform -> CTC log-probabilities, any audio length.
 
-The exported graph is what ``train_CTC.py`` computes at test (``modules.front_end.WaveformEncoder``):
+The exported graph is what ``train_CTC.py`` computes at test (``modules.models.front_end.WaveformEncoder``):
 Fbank -> global normalization -> CNN front-end (exact frame counts) -> speech encoder -> CTC head ->
 log-softmax, for a padded batch with relative lengths. It
 is made with ``torch.jit.trace`` and needs no package beyond PyTorch to run (``torch.jit.load``).
@@ -11,7 +11,7 @@ scan back-end (:func:`modules.mamba.selective_scan.scan_loop`), a TorchScript fu
 loop stays a loop in the graph: the exported model takes any number of samples. Mamba-1 mixers only
 (the Mamba-2 scan is not scripted).
 
-    python -m modules.export results/<run>/inference ctc_model.pt
+    python -m modules.inference.export results/<run>/inference ctc_model.pt
     model = torch.jit.load("ctc_model.pt"); log_probs = model(wavs, wav_lens)
 """
 
@@ -20,10 +20,10 @@ import contextlib
 
 import torch
 
-from modules.front_end import WaveformEncoder
-from modules.inference import load_asr
+from modules.inference.folders import load_asr
 from modules.mamba.mamba import Mamba
 from modules.mamba.mamba2 import Mamba2
+from modules.models.front_end import WaveformEncoder
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ import math
 import os
 from collections import Counter, defaultdict
 
-from modules.checkpointing import atomic_write
-from modules.data_checks import read_manifest
+from modules.training.checkpointing import atomic_write
+from modules.training.data_checks import read_manifest
 
 logger = logging.getLogger(__name__)
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"

@@ -17,9 +17,15 @@ from speechbrain.dataio.sampler import DynamicBatchSampler
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from modules.checkpointing import average_checkpoints
-from modules.data_checks import BadDataError, collate_readable, load_manifest, read_checked_audio, read_manifest
-from modules.text_tokenizer import ALPHABET, train_sentencepiece
+from modules.training.checkpointing import average_checkpoints
+from modules.training.data_checks import (
+    BadDataError,
+    collate_readable,
+    load_manifest,
+    read_checked_audio,
+    read_manifest,
+)
+from modules.training.sentencepiece_models import ALPHABET, train_sentencepiece
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
@@ -123,7 +129,7 @@ class RecipeBrain(sb.Brain):
         order and with the random draws of the uninterrupted run.
 
         The training loader draws its workers' seed from its own generator, not from the global
-        ones that the checkpoint restores (``modules/checkpointing.py``). A dynamic batch sampler
+        ones that the checkpoint restores (``modules/training/checkpointing.py``). A dynamic batch sampler
         gets ``set_epoch`` each epoch: SpeechBrain calls it only under DDP, and without it the
         batch order depends on how many epochs this process has run, not on the epoch.
         """

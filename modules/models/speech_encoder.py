@@ -11,7 +11,7 @@ Authors
 
 import torch
 
-from modules.initialization import xavier_normal_matrices
+from modules.models.initialization import xavier_normal_matrices
 
 
 class SpeechEncoder(torch.nn.Module):
@@ -35,8 +35,8 @@ class SpeechEncoder(torch.nn.Module):
         Dropout applied after the input projection.
     xavier_init : bool
         Re-initialises the input projection and the encoder xavier-normal, Mamba mixers excepted
-        (:func:`modules.initialization.xavier_normal_matrices`), as the published CTC models are.
-        The encoder-decoder recipes leave it off: ``EncoderDecoderASR`` applies the rule to the
+        (:func:`modules.models.initialization.xavier_normal_matrices`), as the published CTC models are.
+        The encoder-decoder recipes leave it off: ``Seq2SeqModel`` applies the rule to the
         whole model.
 
     Example
@@ -85,7 +85,7 @@ class SpeechEncoder(torch.nn.Module):
         x = self.input_projection(x)
 
         # True at padded frames, as expected by src_key_padding_mask. (Not SpeechBrain's length_to_mask:
-        # its len() would freeze the batch size of a traced model, see modules/export.py.)
+        # its len() would freeze the batch size of a traced model, see modules/inference/export.py.)
         abs_lens = torch.round(wav_lens * x.shape[1])
         mask = torch.arange(x.shape[1], device=x.device) >= abs_lens[:, None]
 

@@ -5,7 +5,7 @@ xavier-normal (``_init_params``). The published ConMamba and Conformer models, C
 alike, go through that class (Speech Slytherin, arXiv 2407.09732; code released with the paper), so
 their encoders, input projections and decoders start from xavier-normal weights, not from PyTorch's
 defaults. :func:`xavier_normal_matrices` applies the same rule; ``SpeechEncoder`` (CTC recipes) and
-``EncoderDecoderASR`` (encoder-decoder recipes) call it, switched by their ``xavier_init`` argument.
+``Seq2SeqModel`` (encoder-decoder recipes) call it, switched by their ``xavier_init`` argument.
 """
 
 from torch import nn

@@ -8,7 +8,7 @@ Chunk by chunk, the recognizer computes exactly what the whole utterance would g
   still need is kept and the front-end re-run over it with each chunk;
 - the global feature normalization is frame-wise;
 - the causal encoder carries each layer's Mamba (conv, ssm) states and the convolution module's left
-  context (:meth:`modules.conmamba.ConMambaEncoder.allocate_cache`).
+  context (:meth:`modules.models.conmamba.ConMambaEncoder.allocate_cache`).
 
 The Fbank of a streaming model must be :class:`StreamableFbank`: SpeechBrain's clips each utterance
 80 dB below its own loudest value, which is only known at the end.
@@ -17,7 +17,7 @@ The Fbank of a streaming model must be :class:`StreamableFbank`: SpeechBrain's c
 import torch
 from speechbrain.lobes.features import Fbank
 
-from modules.inference import load_asr
+from modules.inference.folders import load_asr
 
 
 class StreamableFbank(Fbank):
@@ -57,7 +57,7 @@ class StreamingCTC:
     def __init__(self, compute_features, normalize, CNN, speech_encoder, ctc_lin, tokenizer=None, blank_index=0):
         if not isinstance(compute_features, StreamableFbank):
             raise ValueError(
-                "streaming needs compute_features: !new:modules.streaming.StreamableFbank in the yaml "
+                "streaming needs compute_features: !new:modules.inference.streaming.StreamableFbank in the yaml "
                 "(SpeechBrain's Fbank clips each utterance relative to its loudest frame); "
                 "see hparams/CTC/demo_conmamba_causal.yaml"
             )

@@ -9,17 +9,17 @@ At the end of training each recipe writes ``<output_folder>/inference/`` (:func:
 * ``ngram_lm.arpa``: the word LM of a CTC model's beam search, when it has one;
 * ``tokenizer.ckpt``; ``normalizer.ckpt`` (feature statistics) or, for decoder-only models, ``kmeans.ckpt``,
   and ``unit_encoder/``, a copy of the CTC model's inference folder when the speech units are a layer
-  of a trained CTC encoder (:class:`modules.speech_tokenizer.EncoderFeatures`);
-* ``modules/``, a copy of this package, whose classes ``hyperparams.yaml`` builds, and ``custom.py``,
+  of a trained CTC encoder (:class:`modules.units.features.EncoderFeatures`);
+* ``modules/``, a copy of the ``modules`` package, whose classes ``hyperparams.yaml`` builds, and ``custom.py``,
   which names the interface class ``ASR`` for SpeechBrain's ``foreign_class``: the folder loads from any
   working directory, without this repository (the code shipped in the folder, SpeechBrain's way).
 
 The folder loads offline with the class its yaml names (:func:`load_asr`): SpeechBrain's ``EncoderASR``
-(CTC) and ``EncoderDecoderASR`` (joint CTC/attention), searching each utterance's exact frames
-(:class:`ExactLengthsEncoderASR`, :class:`ExactLengthsEncoderDecoderASR`), or :class:`MadeonASR`
-(decoder-only over speech units); or, from anywhere, ``foreign_class(source=folder, savedir=folder,
-pymodule_file="custom.py", classname="ASR")``. A folder is code (its ``hyperparams.yaml`` builds
-objects, ``modules/`` is imported): load only folders you trust.
+(CTC) and ``EncoderDecoderASR`` (joint CTC/attention), searching each utterance's exact frames, or
+``MadeonASR`` (decoder-only over speech units), all in :mod:`modules.inference.interfaces`; or, from
+anywhere, ``foreign_class(source=folder, savedir=folder, pymodule_file="custom.py", classname="ASR")``.
+A folder is code (its ``hyperparams.yaml`` builds objects, ``modules/`` is imported): load only folders
+you trust.
 """
 
 import importlib
@@ -31,18 +31,48 @@ import shutil
 
 import ruamel.yaml
 import torch
-from speechbrain.inference.ASR import EncoderASR, EncoderDecoderASR
-from speechbrain.inference.interfaces import Pretrained
+from hyperpyyaml import load_hyperpyyaml
 
-from modules.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
-from modules.speech_tokenizer import deduplicate, prompt_text, units_to_text
+from modules.training.checkpointing import CheckpointLoadError, errors_naming, weights_only_loading
 
 logger = logging.getLogger(__name__)
 UNIT_ENCODER = "unit_encoder"  # where a decoder-only folder keeps the CTC model its units come from
-PACKAGE = os.path.dirname(os.path.abspath(__file__))  # modules/, copied into each inference folder
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # modules/, copied into each inference folder
 TEMPLATES = os.path.join(os.path.dirname(PACKAGE), "hparams", "inference")
 CODE_FILE = "custom.py"  # SpeechBrain's default pymodule_file
 NGRAM_LM = "ngram_lm.arpa"  # where a CTC folder keeps the word LM of its beam search
+
+# Folders written before modules/ was grouped into packages name the old dotted paths in their
+# hyperparams.yaml: here every path a yaml named then, and where it lives now. load_asr replaces them
+# before parsing (such a folder's own modules/ copy keeps the old layout, for foreign_class elsewhere).
+MOVED_PATHS = {
+    "modules.checkpointing.SafeCheckpointer": "modules.training.checkpointing.SafeCheckpointer",
+    "modules.conformer.ConformerEncoder": "modules.models.conformer.ConformerEncoder",
+    "modules.conmamba.ConMambaEncoder": "modules.models.conmamba.ConMambaEncoder",
+    "modules.decoder_only_search.DecoderOnlyBeamSearcher": "modules.search.DecoderOnlyBeamSearcher",
+    "modules.decoder_only_search.FullSequenceScorer": "modules.search.FullSequenceScorer",
+    "modules.decoder_only_search.RecurrentScorer": "modules.search.RecurrentScorer",
+    "modules.encoder_decoder.EncoderDecoderASR": "modules.models.seq2seq.Seq2SeqModel",
+    "modules.front_end.ConvolutionFrontEnd": "modules.models.front_end.ConvolutionFrontEnd",
+    "modules.front_end.WaveformEncoder": "modules.models.front_end.WaveformEncoder",
+    "modules.inference.ExactLengthsEncoderASR": "modules.inference.interfaces.ExactLengthsEncoderASR",
+    "modules.inference.ExactLengthsEncoderDecoderASR": "modules.inference.interfaces.ExactLengthsEncoderDecoderASR",
+    "modules.inference.MadeonASR": "modules.inference.interfaces.MadeonASR",
+    "modules.inference.complete": "modules.inference.folders.complete",
+    "modules.inference.load_kmeans": "modules.inference.folders.load_kmeans",
+    "modules.inference.load_model_strictly": "modules.inference.folders.load_model_strictly",
+    "modules.madeon.MadeonLM": "modules.models.madeon.MadeonLM",
+    "modules.madeon.TransformerDecoderOnly": "modules.models.madeon.TransformerDecoderOnly",
+    "modules.mamba_decoder.MambaDecoder": "modules.models.mamba_decoder.MambaDecoder",
+    "modules.searchers.S2SMambaBeamSearcher": "modules.search.S2SMambaBeamSearcher",
+    "modules.speech_encoder.SpeechEncoder": "modules.models.speech_encoder.SpeechEncoder",
+    "modules.speech_tokenizer.EncoderFeatures": "modules.units.features.EncoderFeatures",
+    "modules.speech_tokenizer.FbankFeatures": "modules.units.features.FbankFeatures",
+    "modules.speech_tokenizer.KMeans": "modules.units.kmeans.KMeans",
+    "modules.speech_tokenizer.SSLFeatures": "modules.units.features.SSLFeatures",
+    "modules.speech_tokenizer.SpeechUnitTokenizer": "modules.units.manifests.UnitManifestWriter",
+    "modules.streaming.StreamableFbank": "modules.inference.streaming.StreamableFbank",
+}
 
 
 def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None):
@@ -88,7 +118,7 @@ def export_inference_folder(hparams, paradigm, tokenizer_file, kmeans_file=None)
 
 
 def ship_code(folder, interface):
-    """Copies this package's Python files to ``<folder>/modules/`` and writes ``<folder>/custom.py``,
+    """Copies the ``modules`` package's Python files to ``<folder>/modules/`` and writes ``<folder>/custom.py``,
     which imports the interface class as ``ASR``: SpeechBrain's ``foreign_class`` puts the folder on
     ``sys.path`` and loads it, so that the yaml's ``modules.*`` classes are found anywhere."""
     shutil.copytree(
@@ -130,6 +160,11 @@ class InferenceFolderError(RuntimeError):
     """An inference folder that cannot be loaded; the message names the folder or the file."""
 
 
+def current_paths(yaml_text):
+    """The yaml text with each dotted path of :data:`MOVED_PATHS` replaced by where it lives now."""
+    return re.sub(r"(?<![\w.])modules(?:\.\w+)+", lambda match: MOVED_PATHS.get(match[0], match[0]), yaml_text)
+
+
 def load_asr(folder, device="cpu"):
     """The interface of an inference folder (the class its yaml's ``interface`` names), on ``device``.
 
@@ -137,6 +172,7 @@ def load_asr(folder, device="cpu"):
     A bundled unit encoder is used from the folder's own copy, wherever the folder has been moved.
     Torch files load with ``weights_only=True`` whatever torch's default, and ``model.ckpt`` strictly.
     The folder's ``hyperparams.yaml`` builds objects, i.e. runs code: load only folders you trust.
+    A folder written before modules/ was grouped into packages loads too (:data:`MOVED_PATHS`).
     Raises :class:`InferenceFolderError` naming the file that fails.
     """
     hparams_file = os.path.join(folder, "hyperparams.yaml")
@@ -147,7 +183,8 @@ def load_asr(folder, device="cpu"):
         )
     try:
         with open(hparams_file, encoding="utf-8") as f:
-            interface = ruamel.yaml.YAML().load(f)["interface"]
+            hparams_text = current_paths(f.read())
+        interface = ruamel.yaml.YAML().load(hparams_text)["interface"]
         module_name, class_name = interface.rsplit(".", 1)
         cls = getattr(importlib.import_module(module_name), class_name)
     except Exception as error:
@@ -158,7 +195,7 @@ def load_asr(folder, device="cpu"):
         overrides["ngram_lm_file"] = os.path.join(folder, NGRAM_LM)
     try:
         with weights_only_loading():
-            asr = cls.from_hparams(source=folder, savedir=folder, run_opts={"device": device}, overrides=overrides)
+            asr = from_hparams_text(cls, folder, hparams_text, device, overrides)
     except CheckpointLoadError as error:
         raise InferenceFolderError(str(error)) from error
     except Exception as error:
@@ -168,6 +205,19 @@ def load_asr(folder, device="cpu"):
     if os.path.isdir(os.path.join(folder, UNIT_ENCODER)):
         asr.mods.unit_features.source = os.path.join(folder, UNIT_ENCODER)
     return asr
+
+
+def from_hparams_text(cls, folder, hparams_text, device, overrides):
+    """SpeechBrain's ``cls.from_hparams(source=folder, savedir=folder, ...)``, which reads the yaml from
+    the folder's file, here from ``hparams_text`` (its paths made current): builds the yaml's objects,
+    loads the pretrainer's files in place and returns the interface on ``device``."""
+    hparams = load_hyperpyyaml(hparams_text, overrides)
+    hparams["savedir"] = folder
+    pretrainer = hparams["pretrainer"]
+    pretrainer.set_collect_in(folder)
+    pretrainer.collect_files(default_source=folder)
+    pretrainer.load_collected()
+    return cls(modules=hparams["modules"], hparams=hparams, run_opts={"device": device})
 
 
 def complete(partial, **kwargs):
@@ -183,77 +233,5 @@ def load_model_strictly(model, path):
 
 
 def load_kmeans(kmeans, path):
-    """Pretrainer hook: k-means centroids (:meth:`modules.speech_tokenizer.KMeans.load`)."""
+    """Pretrainer hook: k-means centroids (:meth:`modules.units.kmeans.KMeans.load`)."""
     kmeans.load(path)
-
-
-class MadeonASR(Pretrained):
-    """Decoder-only ASR over discrete speech units (MADEON and its Transformer baseline), in the manner
-    of SpeechBrain's ``SpeechLLMASR``: waveform -> unit features -> k-means units -> de-duplication ->
-    unit characters -> prompt ``<startofspeech>units`` -> beam search -> text.
-
-    The yaml gives the modules ``unit_features``, ``kmeans``, ``lm`` and the hparams ``tokenizer``
-    (a ``SentencePieceProcessor``) and ``searcher`` (``DecoderOnlyBeamSearcher``).
-    """
-
-    HPARAMS_NEEDED = ["tokenizer", "searcher"]
-    MODULES_NEEDED = ["unit_features", "kmeans", "lm"]
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tokenizer = self.hparams.tokenizer
-
-    def prompt(self, wav):
-        """One waveform (samples,) -> its prompt token ids, as the recipe's test prefix."""
-        features = self.mods.unit_features(wav.float().to(self.device)).to(self.device)
-        units = deduplicate(self.mods.kmeans(features))
-        return self.tokenizer.encode_as_ids(prompt_text(units_to_text(units)))
-
-    @torch.no_grad()
-    def transcribe_batch(self, wavs, wav_lens):
-        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, token id lists)."""
-        samples = (wav_lens * wavs.shape[1]).round().long()
-        prompts = [self.prompt(wav[:n]) for wav, n in zip(wavs, samples)]
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        prefix = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
-        for row, prompt in enumerate(prompts):
-            prefix[row, : len(prompt)] = torch.tensor(prompt)
-        tokens, _ = self.hparams.searcher(prefix, lengths)
-        return [" ".join(self.tokenizer.decode_ids(t).split()) for t in tokens], tokens  # words, single-spaced
-
-    def transcribe_file(self, path, **kwargs):
-        """Transcribes one audio file (resampled to the model's rate, mixed to mono)."""
-        wav = self.load_audio(path, **kwargs)
-        return self.transcribe_batch(wav[None], torch.tensor([1.0]))[0][0]
-
-    def forward(self, wavs, wav_lens):
-        return self.transcribe_batch(wavs, wav_lens)
-
-
-class ExactLengthsEncoderASR(EncoderASR):
-    """SpeechBrain's ``EncoderASR`` whose CTC search reads each utterance's exact number of frames.
-
-    SpeechBrain's ``transcribe_batch`` hands the search the waveforms' relative lengths, which round to
-    one frame too few or too many for a short utterance padded next to a long one; the encoder
-    (``modules.front_end.WaveformEncoder``) returns the exact ones, so a batch transcribes each file
-    as it transcribes alone.
-    """
-
-    @torch.no_grad()
-    def transcribe_batch(self, wavs, wav_lens):
-        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, CTC hypotheses)."""
-        log_probs, lengths = self.mods.encoder.encode(wavs.float().to(self.device), wav_lens.to(self.device))
-        hypotheses = self.decoding_function(log_probs, lengths)
-        return [nbest[0].text for nbest in hypotheses], hypotheses
-
-
-class ExactLengthsEncoderDecoderASR(EncoderDecoderASR):
-    """SpeechBrain's ``EncoderDecoderASR`` whose search reads each utterance's exact number of encoder
-    frames (see :class:`ExactLengthsEncoderASR`)."""
-
-    @torch.no_grad()
-    def transcribe_batch(self, wavs, wav_lens):
-        """wavs (batch, samples) padded, wav_lens (batch,) relative -> (texts, token id lists)."""
-        encoder_out, lengths = self.mods.encoder.encode(wavs.float().to(self.device), wav_lens.to(self.device))
-        tokens, _, _, _ = self.mods.decoder(encoder_out, lengths)
-        return [self.tokenizer.decode_ids(t) for t in tokens], tokens

@@ -31,7 +31,7 @@ def exact_features(compute_features, wavs, wav_lens):
     Arguments
     ---------
     compute_features : speechbrain.lobes.features.Fbank
-        The yaml's feature extractor (or a subclass such as ``modules.streaming.StreamableFbank``),
+        The yaml's feature extractor (or a subclass such as ``modules.inference.streaming.StreamableFbank``),
         without deltas or context windows.
     wavs : torch.Tensor
         Waveforms (batch, samples), zero-padded.
@@ -178,7 +178,7 @@ class WaveformEncoder(torch.nn.Module):
     """Waveforms (batch, samples) and relative lengths (batch,) -> the speech encoder's output, or, given
     ``ctc_lin``, CTC log-probabilities: what ``train_CTC.py`` and ``train_S2S.py`` compute at test
     (:func:`encoder_input`, then the encoder). The modules are the yaml's keys of the same names; this is
-    the ``encoder`` of the inference folders and the module that ``modules.export`` traces.
+    the ``encoder`` of the inference folders and the module that ``modules.inference.export`` traces.
     """
 
     def __init__(self, compute_features, normalize, CNN, speech_encoder, ctc_lin=None):

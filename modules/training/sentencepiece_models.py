@@ -16,7 +16,7 @@ import os
 
 import sentencepiece as spm
 
-from modules.checkpointing import atomic_write
+from modules.training.checkpointing import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -41,11 +41,6 @@ PARALLEL_MIN_FILES = 2000
 APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 
 
-# The corpus on disk cannot be turned into manifests as it is: the bad-data error of training
-# (modules/training/data_checks.py), under the name this script has always raised.
-DataPreparationError = BadDataError
-
-
 def prepare_librispeech(
     data_folder,
     save_folder,

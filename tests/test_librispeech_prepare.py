@@ -9,7 +9,8 @@ import pytest
 import soundfile
 
 import librispeech_prepare
-from librispeech_prepare import DataPreparationError, prepare_librispeech
+from librispeech_prepare import prepare_librispeech
+from modules.training.data_checks import BadDataError
 from reliability_report import record
 
 # utterance id -> (number of samples at 16 kHz, transcript)
@@ -195,7 +196,7 @@ def test_split_without_transcripts_raises(tmp_path):
     (data_folder / "train" / "19" / "198").mkdir(parents=True)
 
     with pytest.raises(
-        DataPreparationError, match=re.escape(str(data_folder / "train"))
+        BadDataError, match=re.escape(str(data_folder / "train"))
     ):
         prepare_librispeech(data_folder, tmp_path / "save", tr_splits=["train"])
 
@@ -204,7 +205,7 @@ def test_missing_audio_raises_naming_transcript_line_and_audio(data_folder, tmp_
     audio = data_folder / "train" / "19" / "198" / "19-198-0001.flac"
     audio.unlink()
 
-    with pytest.raises(DataPreparationError) as error:
+    with pytest.raises(BadDataError) as error:
         prepare_librispeech(data_folder, tmp_path / "save", tr_splits=["train"])
 
     message = str(error.value)
@@ -217,7 +218,7 @@ def test_unreadable_audio_raises_naming_it(data_folder, tmp_path):
     audio = data_folder / "train" / "26" / "495" / "26-495-0000.flac"
     audio.write_bytes(b"not a flac file")
 
-    with pytest.raises(DataPreparationError, match=re.escape(str(audio))):
+    with pytest.raises(BadDataError, match=re.escape(str(audio))):
         prepare_librispeech(data_folder, tmp_path / "save", tr_splits=["train"])
 
 
@@ -225,7 +226,7 @@ def test_empty_transcript_raises_naming_file_and_line(data_folder, tmp_path):
     trans_file = data_folder / "dev" / "84" / "121" / "84-121.trans.txt"
     trans_file.write_text("84-121-0000 \n")
 
-    with pytest.raises(DataPreparationError) as error:
+    with pytest.raises(BadDataError) as error:
         prepare_librispeech(data_folder, tmp_path / "save", dev_splits=["dev"])
 
     message = str(error.value)
@@ -237,7 +238,7 @@ def test_wrong_sample_rate_raises_naming_file_and_rate(tmp_path):
     data_folder = tmp_path / "LibriSpeech"
     write_split(data_folder, "test", {"7-9-0000": (8000, "HI")}, sample_rate=8000)
 
-    with pytest.raises(DataPreparationError) as error:
+    with pytest.raises(BadDataError) as error:
         prepare_librispeech(data_folder, tmp_path / "save", te_splits=["test"])
 
     message = str(error.value)
@@ -251,12 +252,12 @@ def test_failed_rebuild_is_not_taken_as_done(data_folder, tmp_path):
     prepare_librispeech(data_folder, save_folder, tr_splits=["train"])
     audio = data_folder / "train" / "19" / "198" / "19-198-0000.flac"
     audio.write_bytes(b"broken")
-    with pytest.raises(DataPreparationError):
+    with pytest.raises(BadDataError):
         prepare_librispeech(
             data_folder, save_folder, tr_splits=["train"], select_n_sentences=1
         )
 
-    with pytest.raises(DataPreparationError):
+    with pytest.raises(BadDataError):
         prepare_librispeech(data_folder, save_folder, tr_splits=["train"])
 
 
@@ -264,7 +265,7 @@ def test_empty_audio_raises_naming_it(data_folder, tmp_path):
     audio = data_folder / "dev" / "84" / "121" / "84-121-0000.flac"
     soundfile.write(audio, np.zeros(0), 16000, format="WAV")  # libsndfile writes no empty FLAC
 
-    with pytest.raises(DataPreparationError, match=re.escape(f"Audio file {audio} is empty")):
+    with pytest.raises(BadDataError, match=re.escape(f"Audio file {audio} is empty")):
         prepare_librispeech(data_folder, tmp_path / "save", dev_splits=["dev"])
 
 

@@ -49,15 +49,10 @@ def prefix_reversal_index(speech_end, time):
     return torch.cat([torch.zeros_like(inner[:, :1]), inner], dim=1)
 
 
-class PrefixBiMamba(Mamba):
-    """MADEON's parallel speech-prefixing Mamba mixer: a BiMamba whose backward branch
-    reads the STR sequence, branches summed before the shared out_proj, and recurrent decoding.
-
-    The cache (:meth:`Mamba.allocate_cache`) holds four states, (conv, ssm) of the forward branch then
-    of the backward branch. After the prefix the backward branch has scanned the reversed speech, and
-    each new text token advances both branches in time order, exactly as the training scan does past
-    ``<generatetext>``.
-    """
+class SpeechPrefixing:
+    """What the parallel speech-prefixing mixers share, before a bidirectional mixer class in the bases:
+    summed branches, the backward branch reading the STR order, and recurrent decoding. A subclass
+    gives ``scan_prefix`` (both branches over a prefix, from and into a cache) and ``step``."""
 
     recurrent_backward = True  # the backward branch reads the text in time order
 
@@ -74,6 +69,21 @@ class PrefixBiMamba(Mamba):
             reverse_index = prefix_reversal_index(lengths, time)
         if cache is None:
             return super().forward(hidden, lengths, reverse_index=reverse_index)
+        return self.scan_prefix(hidden, lengths, cache, reverse_index)
+
+
+class PrefixBiMamba(SpeechPrefixing, Mamba):
+    """MADEON's parallel speech-prefixing Mamba mixer: a BiMamba whose backward branch
+    reads the STR sequence, branches summed before the shared out_proj, and recurrent decoding.
+
+    The cache (:meth:`Mamba.allocate_cache`) holds four states, (conv, ssm) of the forward branch then
+    of the backward branch. After the prefix the backward branch has scanned the reversed speech, and
+    each new text token advances both branches in time order, exactly as the training scan does past
+    ``<generatetext>``.
+    """
+
+    def scan_prefix(self, hidden, lengths, cache, reverse_index):
+        """Both branches over a prefix (batch, time, d_model), from and into ``cache``."""
         x, z = self.project(hidden)  # (batch, d_inner, time) each
         y = self.scan_direction(x, lengths, *cache[:2])
         x_backward = reverse_time(x, reverse_index, dim=2)
@@ -88,24 +98,11 @@ class PrefixBiMamba(Mamba):
         return self.output(y[..., None], z)
 
 
-class PrefixBiMamba2(Mamba2):
+class PrefixBiMamba2(SpeechPrefixing, Mamba2):
     """MADEON's parallel speech-prefixing Mamba-2 mixer; see :class:`PrefixBiMamba`."""
 
-    recurrent_backward = True  # the backward branch reads the text in time order
-
-    def __init__(self, d_model, **kwargs):
-        super().__init__(d_model, bidirectional=True, combine="sum", **kwargs)
-
-    def forward(self, hidden, lengths=None, cache=None, reverse_index=None):
-        """hidden (batch, time, d_model); reverse_index (batch, time) from :func:`prefix_reversal_index`
-        (default: the whole valid input is the speech prefix). With ``cache``, scans the prefix into it."""
-        batch, time, _ = hidden.shape
-        if lengths is None:
-            lengths = torch.full((batch,), time, device=hidden.device)
-        if reverse_index is None:
-            reverse_index = prefix_reversal_index(lengths, time)
-        if cache is None:
-            return super().forward(hidden, lengths, reverse_index=reverse_index)
+    def scan_prefix(self, hidden, lengths, cache, reverse_index):
+        """Both branches over a prefix (batch, time, d_model), from and into ``cache``."""
         z, xBC, dt = self.project(hidden)
         y = self.scan_direction(xBC, dt, lengths, *cache[:2])
         xBC_backward, dt_backward = reverse_time(xBC, reverse_index, dim=2), reverse_time(dt, reverse_index, dim=1)

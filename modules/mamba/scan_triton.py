@@ -328,7 +328,7 @@ def directional_scan_fwd(
         HAS_H0=h0 is not None, ATOMIC_OUT=atomic, BLOCK_D=FORWARD["BLOCK_D"], num_warps=FORWARD["num_warps"],
         SPLIT=split,
     )
-    return out.to(u.dtype), last.transpose(1, 2).contiguous(), checkpoints
+    return out.to(u.dtype), last.transpose(1, 2), checkpoints  # (batch, channels, state), a view: no copy
 
 
 @directional_scan_fwd.register_fake
@@ -336,7 +336,7 @@ def _(u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, s
     batch, time, channels = u.shape
     state = A.shape[1]
     out = u.new_empty(batch, time, channels // directions)
-    last = u.new_empty(batch, channels, state, dtype=torch.float32)
+    last = u.new_empty(batch, state, channels, dtype=torch.float32).transpose(1, 2)
     return out, last, u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
 
 
@@ -388,7 +388,7 @@ def directional_scan_bwd(
         grad_D.sum(0) if D is not None else empty,
         grad_bias.sum((0, 1)) if delta_bias is not None else empty,
         grad_z.to(z.dtype) if z is not None else empty,
-        grad_h0.transpose(1, 2).contiguous(),
+        grad_h0.transpose(1, 2),
     )
 
 
@@ -406,7 +406,7 @@ def _(grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpo
         D.new_empty(D.shape) if D is not None else empty,
         delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else empty,
         z.new_empty(z.shape) if z is not None else empty,
-        u.new_empty(batch, channels, state, dtype=torch.float32),
+        u.new_empty(batch, state, channels, dtype=torch.float32).transpose(1, 2),
     )
 
 

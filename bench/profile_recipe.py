@@ -4,8 +4,8 @@ SpeechBrain profiles any recipe: ``--profile_training --profile_warmup W --profi
 training steps (data loading, host code, kernels) after W warm-up ones into
 ``<output_folder>/profiler_logs/`` and stops the run. This reads that trace and prints the mean step
 time, the share of it during which the GPU ran anything (below 100 % it waited for the host: data,
-Python, launches, synchronisations), and the largest kernels; for a CPU run, the largest top-level
-operators instead.
+Python, launches, synchronisations), how long the host waited for the data loader and for the GPU,
+and the largest kernels; for a CPU run, the largest top-level operators instead.
 
     python train_CTC.py hparams/CTC/conmamba_large.yaml --data_folder D --precision bf16 \\
         --profile_training --profile_warmup 10 --profile_steps 5
@@ -20,6 +20,13 @@ import os
 from collections import defaultdict
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+# What the host waits for: the loader's next batch, and the GPU (runtime calls that block until it is done)
+HOST_WAITS = {
+    "the data loader": lambda e: e.get("name", "").startswith("enumerate(DataLoader)"),
+    "the GPU (synchronisations)": lambda e: e.get("cat") == "cuda_runtime"
+    and e.get("name") in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                          "cudaMemcpyAsync"),
+}
 
 
 def load_trace(path):
@@ -59,7 +66,8 @@ def top_level(events):
 def summarize(events, rows=20):
     """Step time, device-busy share and the largest kernels (or top-level CPU operators), as text lines."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    steps = [e for e in complete if e.get("name", "").startswith("ProfilerStep#")]
+    # the host's step spans (a CUDA trace repeats them on the GPU's timeline, as gpu_user_annotation)
+    steps = [e for e in complete if e.get("name", "").startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"]
     if not steps:
         raise ValueError("the trace has no ProfilerStep# spans: is it a trace of SpeechBrain's --profile_training?")
     window = (min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps))
@@ -74,6 +82,11 @@ def summarize(events, rows=20):
     else:
         lines.append("no GPU activity in the trace (a CPU run)")
         listed, what = top_level([e for e in inside if e.get("cat") == "cpu_op"]), "top-level operator"
+    for waited, matches in HOST_WAITS.items():
+        waits = busy_time((e["ts"], e["ts"] + e["dur"]) for e in inside if matches(e))
+        lines.append(
+            f"host waiting for {waited}: {waits / len(steps) / 1e3:.1f} ms a step ({waits / (window[1] - window[0]):.0%})"
+        )
     totals, calls = defaultdict(float), defaultdict(int)
     for event in listed:
         totals[event["name"]] += event["dur"]

@@ -23,14 +23,20 @@ def test_summary_of_a_gpu_trace(tmp_path):
         {"ph": "X", "name": "scan", "cat": "kernel", "ts": 110, "dur": 40, "tid": 7},
         {"ph": "X", "name": "gemm", "cat": "kernel", "ts": 30, "dur": 40, "tid": 8},  # overlaps the first scan
         {"ph": "X", "name": "late", "cat": "kernel", "ts": 500, "dur": 40, "tid": 7},  # after the steps
+        {"ph": "X", "name": "enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "cat": "user_annotation",
+         "ts": 100, "dur": 30, "tid": 1},
+        {"ph": "X", "name": "cudaStreamSynchronize", "cat": "cuda_runtime", "ts": 60, "dur": 10, "tid": 1},
+        {"ph": "X", "name": "cudaLaunchKernel", "cat": "cuda_runtime", "ts": 80, "dur": 5, "tid": 1},  # no wait
     ]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
     lines = summarize(load_trace(str(tmp_path)))
     assert lines[0] == "2 steps, 0.1 ms a step"
     assert lines[1] == "GPU busy 50% of the steps"  # 60 + 40 us of the 200 us
-    assert lines[4].startswith("| scan | 0.04 | 40.0% | 1 |")
-    assert lines[5].startswith("| gemm | 0.02 | 20.0% | 0.5 |")
+    assert lines[2] == "host waiting for the data loader: 0.0 ms a step (15%)"  # 30 of the 200 us
+    assert lines[3] == "host waiting for the GPU (synchronisations): 0.0 ms a step (5%)"
+    assert lines[6].startswith("| scan | 0.04 | 40.0% | 1 |")
+    assert lines[7].startswith("| gemm | 0.02 | 20.0% | 0.5 |")
 
 
 def test_profiles_a_real_recipe_run_on_the_cpu(tmp_path):

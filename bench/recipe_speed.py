@@ -1,0 +1,193 @@
+"""How fast a real recipe trains: seconds per training epoch and how busy the GPU is meanwhile.
+
+    python bench/recipe_speed.py train_CTC.py hparams/CTC/conmamba_large.yaml --data_folder D --number_of_epochs 2
+    python bench/recipe_speed.py --syncs train_CTC.py ...   # also: where the training steps wait for the GPU
+
+Runs the training script in this process, unchanged (any recipe built on ``RecipeBrain``), and times each
+epoch's training stage from the start of its first step to the end of its last, the GPU's queued work
+included. On CUDA it samples NVML's utilisation every 50 ms (the share of the last sampling period in
+which a kernel ran) and reports its mean over each training stage: below 100 % the GPU waited for the
+host (data loading, Python, launches, synchronisations).
+
+With ``--syncs`` every host-device synchronisation made inside a training step is counted by the line
+of code that made it (``torch.cuda.set_sync_debug_mode``); a sync stops the host from queueing work
+ahead of the GPU. ``bench/profile_recipe.py`` shows what the GPU does during the steps.
+"""
+
+import argparse
+import contextlib
+import os
+import runpy
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections import Counter
+
+import speechbrain as sb
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from modules.training.recipe import RecipeBrain  # noqa: E402
+
+
+class UtilisationSampler(threading.Thread):
+    """(time, GPU utilisation %) every ``period`` seconds through NVML, while running."""
+
+    def __init__(self, device_index=0, period=0.05):
+        super().__init__(daemon=True)
+        import pynvml  # nvidia-ml-py, present wherever the NVIDIA driver is
+
+        pynvml.nvmlInit()
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        self.read = lambda: pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+        self.period, self.samples, self.running = period, [], True
+
+    def run(self):
+        while self.running:
+            self.samples.append((time.perf_counter(), self.read()))
+            time.sleep(self.period)
+
+    def mean_between(self, start, end):
+        """Mean utilisation of the samples taken in [start, end], or None."""
+        inside = [value for moment, value in self.samples if start <= moment <= end]
+        return sum(inside) / len(inside) if inside else None
+
+
+class SyncCounter:
+    """Counts the host-device synchronisations made while active, by the innermost line of repository or
+    SpeechBrain code that made them."""
+
+    def __init__(self):
+        self.sites, self.active, self.steps = Counter(), False, 0
+
+    def __enter__(self):
+        self.active = True
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        self.active = False
+
+    def record(self, message, category, filename, lineno, file=None, line=None):
+        if not (self.active and "synchroniz" in str(message)):
+            return self.show(message, category, filename, lineno, file, line)
+        stack = traceback.extract_stack()[:-1]
+        ours = [f for f in stack if f.filename.startswith(ROOT) and "bench" not in f.filename]
+        library = [f for f in stack if f"{os.sep}speechbrain{os.sep}" in f.filename]
+        frame = (ours or library or stack)[-1]
+        self.sites[f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno} {frame.line}"] += 1
+
+    def install(self):
+        self.show = warnings.showwarning
+        warnings.showwarning = self.record
+        warnings.simplefilter("always")
+
+
+PHASES = ("compute_forward", "compute_objectives", "optimizers_step")
+
+
+def instrument(epochs, syncs):
+    """Wraps RecipeBrain's training step and stage end to time each epoch's training stage, and the
+    brain's hooks to time how long the host spends issuing each phase of a step (without waiting)."""
+    fit_batch, on_stage_end = RecipeBrain.fit_batch, RecipeBrain.on_stage_end
+    current = {}
+
+    def timed(phase, method):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if current:
+                    current[phase] += time.perf_counter() - start
+
+        return run
+
+    def timed_fit_batch(brain, batch):
+        now = time.perf_counter()
+        if not current:
+            current.update(epoch=brain.hparams.epoch_counter.current, start=now, steps=0, between=0.0, step=0.0)
+            current.update({phase: 0.0 for phase in PHASES}, last=now)
+            for phase in PHASES:
+                if not hasattr(getattr(brain, phase), "__wrapped_phase__"):
+                    setattr(brain, phase, timed(phase, getattr(brain, phase)))
+                    getattr(brain, phase).__wrapped_phase__ = True
+        current["between"] += now - current["last"]  # the loader's next batch, the loop's bookkeeping
+        with syncs if syncs is not None else contextlib.nullcontext():
+            loss = fit_batch(brain, batch)
+        current["last"] = time.perf_counter()
+        current["step"] += current["last"] - now
+        current["steps"] += 1
+        if syncs is not None:
+            syncs.steps += 1
+        return loss
+
+    def timed_on_stage_end(brain, stage, *args, **kwargs):
+        if stage == sb.Stage.TRAIN and current:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            epochs.append(dict(current, end=time.perf_counter()))
+            current.clear()
+        return on_stage_end(brain, stage, *args, **kwargs)
+
+    RecipeBrain.fit_batch, RecipeBrain.on_stage_end = timed_fit_batch, timed_on_stage_end
+
+
+def report(epochs, sampler, syncs):
+    """The results as text lines."""
+    lines = ["| epoch | training steps | seconds | steps/s | mean GPU utilisation |", "|---|---|---|---|---|"]
+    for e in epochs:
+        seconds = e["end"] - e["start"]
+        utilisation = sampler.mean_between(e["start"], e["end"]) if sampler else None
+        shown = f"{utilisation:.0f} %" if utilisation is not None else "n/a"
+        lines.append(f"| {e['epoch']} | {e['steps']} | {seconds:.2f} | {e['steps'] / seconds:.2f} | {shown} |")
+    if epochs:
+        e = epochs[-1]
+        per_step = {phase: 1e3 * e[phase] / e["steps"] for phase in PHASES}
+        per_step["backward and the rest of the step"] = 1e3 * (e["step"] - sum(e[p] for p in PHASES)) / e["steps"]
+        per_step["between steps (loader, loop)"] = 1e3 * e["between"] / e["steps"]
+        wall = 1e3 * (e["end"] - e["start"]) / e["steps"]
+        lines.append(f"host time per step of epoch {e['epoch']}, without waiting for the GPU unless a phase syncs "
+                     f"(wall {wall:.1f} ms a step):")
+        lines += [f"  {ms:7.1f} ms  {phase}" for phase, ms in per_step.items()]
+    if syncs is not None:
+        steps = syncs.steps or 1
+        lines.append(f"host-device synchronisations inside training steps, per step ({steps} steps):")
+        if not syncs.sites:
+            lines.append("  none")
+        for site, count in syncs.sites.most_common():
+            lines.append(f"  {count / steps:6.2f}  {site}")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--syncs", action="store_true", help="count the synchronisations of the training steps")
+    parser.add_argument("script", help="the training script, e.g. train_CTC.py")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="its yaml file and overrides")
+    args = parser.parse_args()
+
+    epochs = []
+    syncs = None
+    if args.syncs and torch.cuda.is_available():
+        syncs = SyncCounter()
+        syncs.install()
+    instrument(epochs, syncs)
+    sampler = UtilisationSampler() if torch.cuda.is_available() else None
+    if sampler:
+        sampler.start()
+    sys.argv = [args.script, *args.arguments]
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+    finally:
+        if sampler:
+            sampler.running = False
+        print("\n".join(report(epochs, sampler, syncs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

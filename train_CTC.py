@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Recipe for training a CTC speech recognizer (ConMamba or Conformer encoder).
 
-The pipeline is: waveform (speed-perturbed in the data loader at training)
+The pipeline is: waveform (speed-perturbed per utterance on the device at training)
 -> Fbank -> global normalization -> time/frequency masking (training only)
 -> CNN front-end -> SpeechEncoder (ConMamba, Conformer, ...) -> linear -> CTC.
 Validation decodes greedily and reports WER and CER every epoch; the best
@@ -32,7 +32,8 @@ from modules.training.hparams import load_hparams
 from modules.training.ngram import prepare_ngram_lm
 from modules.training.recipe import (
     RecipeBrain,
-    add_audio_pipelines,
+    add_audio_pipeline,
+    audio_on_device,
     csv_name,
     evaluate_test_sets,
     load_datasets,
@@ -64,8 +65,8 @@ class ASR(RecipeBrain):
 
     def compute_forward(self, batch, stage):
         """Waveforms -> CTC log-probabilities (B, T, output_neurons)."""
-        batch = batch.to(self.device)
-        wavs, wav_lens = batch.sig
+        speed_perturb = self.hparams.speed_perturb if stage == sb.Stage.TRAIN else None
+        wavs, wav_lens = audio_on_device(batch, self.device, speed_perturb)
 
         # Exact per-utterance frame counts: an utterance's output does not depend on its batch
         src, src_lens = encoder_input(
@@ -133,7 +134,7 @@ def dataio_prepare(hparams, tokenizer):
         {csv_name(path): path for path in hparams["test_csv"]},
     )
     datasets = [train_data, valid_data] + list(test_datasets.values())
-    add_audio_pipelines(hparams, train_data, datasets[1:])
+    add_audio_pipeline(hparams, datasets)
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens")

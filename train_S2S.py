@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Recipe for training a joint CTC/attention encoder-decoder speech recognizer.
 
-The pipeline is: waveform (speed-perturbed in the data loader at training)
+The pipeline is: waveform (speed-perturbed per utterance on the device at training)
 -> Fbank -> global normalization -> time/frequency masking and time warping
 (training only) -> CNN front-end -> encoder (ConMamba, Conformer, ...) -> CTC
 head, and -> decoder (Transformer or Mamba) over the embedded previous tokens
@@ -37,7 +37,8 @@ from modules.models.front_end import encoder_input
 from modules.training.hparams import load_hparams
 from modules.training.recipe import (
     RecipeBrain,
-    add_audio_pipelines,
+    add_audio_pipeline,
+    audio_on_device,
     csv_name,
     evaluate_test_sets,
     load_datasets,
@@ -76,8 +77,8 @@ class ASR(RecipeBrain):
         Hypotheses come from a beam search at test, and at validation every
         valid_search_interval epochs; None otherwise.
         """
-        batch = batch.to(self.device)
-        wavs, wav_lens = batch.sig
+        speed_perturb = self.hparams.speed_perturb if stage == sb.Stage.TRAIN else None
+        wavs, wav_lens = audio_on_device(batch, self.device, speed_perturb)
         tokens_bos, _ = batch.tokens_bos
 
         # Exact per-utterance frame counts: an utterance's output does not depend on its batch
@@ -189,7 +190,7 @@ def dataio_prepare(hparams, tokenizer):
         {csv_name(path): path for path in hparams["test_csv"]},
     )
     datasets = [train_data, valid_data] + list(test_datasets.values())
-    add_audio_pipelines(hparams, train_data, datasets[1:])
+    add_audio_pipeline(hparams, datasets)
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("wrd", "tokens_bos", "tokens_eos", "tokens")

@@ -121,6 +121,6 @@ def test_large_config_keys_have_the_published_values(name, tmp_path):
     assert not differing, differing
     # SpecAugment: both masks fill with the mean; exactly two of the two augmentations every batch.
     assert hparams["time_drop"].replace == hparams["freq_drop"].replace == "mean"
-    assert hparams["fea_augment"].min_augmentations == hparams["fea_augment"].max_augmentations == 2
+    assert list(hparams["fea_augment"].augmentations) == [hparams["time_drop"], hparams["freq_drop"]]
     searcher = hparams["test_search"](vocab_list=["<blank>", "a"])
     assert (searcher.beam_size, searcher.prune_history) == (100, False)

@@ -25,6 +25,7 @@ from modules.training.data_checks import (
     read_checked_audio,
     read_manifest,
 )
+from modules.training.running_mean import DeviceRunningMean
 from modules.training.sentencepiece_models import ALPHABET, train_sentencepiece
 
 logger = logging.getLogger(__name__)
@@ -75,36 +76,67 @@ class RecipeBrain(sb.Brain):
     :func:`evaluate_test_sets`). The hooks here read only hparams keys that every recipe has.
     """
 
-    nonfinite_loss = False  # a NaN or inf loss since the last optimizer step
-    # The validation statistic that ranks the checkpoints, kept at validation and averaged at test, in
-    # the keyword of SpeechBrain's ``evaluate``: {"min_key": "WER"} or {"max_key": "ACC"}
-    best_key = None
+    nonfinite_loss = None  # on the device: a NaN or inf loss since the last optimizer step (None: none noted)
+    running_loss = None  # the epoch's training losses (a DeviceRunningMean), on the device
+
+    def fit_batch(self, batch):
+        """SpeechBrain's training step (forward, backward, an optimizer step every
+        ``grad_accumulation_factor`` batches), returning the loss on the device: SpeechBrain's reads it
+        back at once, which makes the host wait for the GPU every step (see :meth:`update_average`)."""
+        should_step = self.step % self.grad_accumulation_factor == 0
+        self.on_fit_batch_start(batch, should_step)
+        with self.no_sync(not should_step):
+            with self.training_ctx:
+                outputs = self.compute_forward(batch, sb.Stage.TRAIN)
+                loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
+            scaled_loss = self.scaler.scale(loss / self.grad_accumulation_factor)
+            self.check_loss_isfinite(scaled_loss)
+            scaled_loss.backward()
+        if should_step:
+            self.optimizers_step()
+        self.on_fit_batch_end(batch, outputs, loss, should_step)
+        return loss.detach()
+
+    def update_average(self, loss, avg_loss):
+        """The mean of the epoch's finite losses so far. Training losses are summed on their device and
+        read one step late (:class:`DeviceRunningMean`); the epoch's mean is exact (:meth:`on_stage_end`)."""
+        if not self.modules.training:  # validation and test losses, read back by SpeechBrain anyway
+            return super().update_average(loss, avg_loss)
+        if self.running_loss is None:  # the epoch's first step, or the first after resuming mid-epoch
+            self.running_loss = DeviceRunningMean(avg_loss, self.step - 1)
+        return self.running_loss.add(loss)
 
     def check_loss_isfinite(self, loss):
-        """Counts a NaN or inf loss; its optimizer step is skipped (see :meth:`check_gradients`)."""
-        if not torch.isfinite(loss):
-            self.count_nonfinite_step("loss")
-            self.nonfinite_loss = True
+        """Notes a NaN or inf loss on the device, without waiting for the GPU; the optimizer step reads
+        it (:meth:`check_gradients`, or :meth:`on_fit_batch_end` when that check does not run) and is skipped."""
+        nonfinite = torch.isfinite(loss).logical_not()
+        self.nonfinite_loss = nonfinite if self.nonfinite_loss is None else self.nonfinite_loss | nonfinite
+
+    def take_nonfinite_loss(self):
+        """The noted NaN or inf losses since the last optimizer step (a 0/1 tensor), forgotten."""
+        noted = self.nonfinite_loss if self.nonfinite_loss is not None else torch.zeros((), dtype=torch.bool)
+        self.nonfinite_loss = None
+        return noted.to(self.device).int()
 
     def check_gradients(self):
         """Skips the whole optimizer step after a NaN or inf loss or gradient, on every process.
 
         SpeechBrain's own check drops only the parameters concerned and counts nothing, so a persistent
         fault would stall training silently. Runs with ``skip_nonfinite_grads: True`` and without fp16's
-        GradScaler, which skips such steps itself.
+        GradScaler, which skips such steps itself. Reading the faults is the one wait for the GPU of an
+        optimizer step.
         """
         params = [p for p in self.modules.parameters() if p.grad is not None]
         # one fused norm over all gradients (NaN and inf propagate), not a few launches per parameter
         norms = torch._foreach_norm([p.grad for p in params]) if params else []
-        faults = torch.stack([n.float() for n in norms]).isfinite().logical_not().sum() if norms else 0
-        faults = torch.as_tensor(faults + int(self.nonfinite_loss), device=self.device)
+        grad_faults = torch.stack([n.float() for n in norms]).isfinite().logical_not().sum() if norms else 0
+        faults = torch.stack([self.take_nonfinite_loss(), torch.as_tensor(grad_faults, device=self.device).int()])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(faults)  # the processes must all step, or all skip
-        if not faults:
+        loss_faults, grad_faults = faults.tolist()
+        if not (loss_faults or grad_faults):
             return
-        if not self.nonfinite_loss:
-            self.count_nonfinite_step("gradient")
-        self.nonfinite_loss = False
+        self.count_nonfinite_step("loss" if loss_faults else "gradient")
         for p in params:
             p.grad = None
 
@@ -142,8 +174,11 @@ class RecipeBrain(sb.Brain):
         return loader
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Updates the learning rate (``noam_annealing``) after each optimizer step."""
+        """Updates the learning rate (``noam_annealing``) after each optimizer step; counts a NaN or inf
+        loss that :meth:`check_gradients` did not read (fp16's GradScaler skipped the step itself)."""
         if should_step:
+            if self.nonfinite_loss is not None and bool(self.take_nonfinite_loss()):  # not read by check_gradients
+                self.count_nonfinite_step("loss")
             self.hparams.noam_annealing(self.optimizer)
 
     def build_test_search(self, **run_time_arguments):
@@ -160,6 +195,8 @@ class RecipeBrain(sb.Brain):
     def on_stage_end(self, stage, stage_loss, epoch):
         """Keeps the training loss; after validation logs the epoch and saves a checkpoint, keeping the
         ``avg_checkpoints`` best by :attr:`best_key`; after a test logs and writes the WER."""
+        if stage == sb.Stage.TRAIN and self.running_loss is not None:
+            stage_loss, self.running_loss = self.running_loss.mean(), None  # exact, all steps read
         stage_stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stage_stats
@@ -340,23 +377,29 @@ def load_datasets(hparams, train_csv, valid_csv, test_csvs):
     return train_data, valid_data, test_datasets
 
 
-def add_audio_pipelines(hparams, train_data, eval_datasets):
-    """Adds the item ``sig``: the waveform, speed-perturbed for training (in the loader workers);
-    None for unreadable audio with ``bad_data: skip`` (the loader drops it, see :func:`loader_options`)."""
+def audio_on_device(batch, device, speed_perturb=None):
+    """Moves the batch to ``device``, in place and without waiting for the GPU, and returns its waveforms
+    (batch, samples) and relative lengths there, speed-perturbed per utterance by ``speed_perturb`` (the
+    yaml's, at training: see ``modules/training/augmentation.py``)."""
+    wav_lens = batch.sig[1]  # on the CPU, as the loader made them: perturbing reads them without a wait
+    batch.to(device, non_blocking=True)
+    if speed_perturb is None:
+        return batch.sig
+    wavs, wav_lens = speed_perturb(batch.sig[0], wav_lens)
+    return wavs, wav_lens.to(device, non_blocking=True)
+
+
+def add_audio_pipeline(hparams, datasets):
+    """Adds the item ``sig``: the waveform; None for unreadable audio with ``bad_data: skip`` (the loader
+    drops it, see :func:`loader_options`). Speed perturbation is done on the device, see
+    :meth:`RecipeBrain.audio_on_device`."""
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
         return read_checked_audio(wav, hparams["sample_rate"], hparams["bad_data"])
 
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def audio_pipeline_train(wav):
-        sig = read_checked_audio(wav, hparams["sample_rate"], hparams["bad_data"])
-        return None if sig is None else hparams["speed_perturb"](sig.unsqueeze(0)).squeeze(0)
-
-    sb.dataio.dataset.add_dynamic_item([train_data], audio_pipeline_train)
-    sb.dataio.dataset.add_dynamic_item(eval_datasets, audio_pipeline)
+    sb.dataio.dataset.add_dynamic_item(datasets, audio_pipeline)
 
 
 def loader_options(hparams, train_data, valid_data, length_func=lambda row: row["duration"]):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .conv import causal_conv1d_silu
 from .reverse import reverse_time
-from .scan import directional_scan
+from .scan import directional_scan, pick_backend
 from .selective_scan import selective_scan
 
 
@@ -182,10 +182,8 @@ class Mamba(nn.Module):
         batch, time, _ = hidden.shape
         if lengths is not None:
             lengths = lengths.to(torch.int32)
-            if self.bidirectional:  # the backward convolution reads the frames after t: no padding there
-                x = x * (torch.arange(time, device=x.device) < lengths[:, None])[..., None].to(x.dtype)
         directions = len(self.suffixes)
-        u = self._convolve_directions(x)  # (batch, time, directions * d_inner)
+        u = self._convolve_directions(x, lengths)  # (batch, time, directions * d_inner)
         # x_proj and dt_proj of both directions as one matrix product each (block-diagonal weights),
         # in the (batch, time, channels) layout that the scan reads without copies
         x_dbl = F.linear(u, torch.block_diag(*(d.x_proj.weight for d in self.directions)))
@@ -207,13 +205,26 @@ class Mamba(nn.Module):
         )
         return self.out_proj(y)
 
-    def _convolve_directions(self, x):
+    def _convolve_directions(self, x, lengths):
         """SiLU(depthwise conv) of each direction over x (batch, time, d_inner), in time order.
 
         The backward direction's causal convolution of the reversed sequence is, in time order, an
-        anti-causal one with the taps flipped (it reads frames t .. t+width-1, zeros past the end), so
-        no reversal is needed. Returns (batch, time, directions * d_inner), contiguous.
+        anti-causal one (it reads frames t .. t+width-1, zeros at and past the row's length), so no
+        reversal is needed. Where the scan runs on our Triton kernels, so does the convolution
+        (:mod:`.conv_triton`, one launch for both directions, no transposes). Returns (batch, time,
+        directions * d_inner), contiguous.
         """
+        directions = len(self.suffixes)
+        if pick_backend(self.scan_backend, x.is_cuda, mamba_ssm_built=True, has_initial_state=False) == "triton":
+            from .conv_triton import directional_conv_silu  # imports Triton only where it runs
+
+            if lengths is None:
+                lengths = torch.full((x.shape[0],), x.shape[1], device=x.device, dtype=torch.int32)
+            weight = stack_directions(self, "conv1d", "weight").view(directions * self.d_inner, -1)
+            bias = stack_directions(self, "conv1d", "bias").flatten() if self.conv1d.bias is not None else None
+            return directional_conv_silu(x, weight, bias, lengths, directions)
+        if lengths is not None and self.bidirectional:  # the backward convolution reads the frames after t
+            x = x * (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[..., None].to(x.dtype)
         x = x.transpose(1, 2)
         if not self.bidirectional:
             return causal_conv1d_silu(x, self.conv1d.weight.squeeze(1), self.conv1d.bias).transpose(1, 2).contiguous()

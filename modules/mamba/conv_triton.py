@@ -1,0 +1,194 @@
+"""Our Triton depthwise convolution + SiLU in front of the Mamba-1 scan: both directions of a BiMamba in
+one launch, read and written in the (batch, time, channels) layout of the projections.
+
+Direction 0 is causal, ``out_t = silu(b + sum_k w_k x_{t-W+1+k})``; direction 1 (bidirectional mixers)
+is the causal convolution of each row reversed inside its own length, which in time order reads
+``x_{t+W-1-k}``: its taps are used as they are, nothing is flipped, gathered or transposed. Frames at or
+past a row's length read as 0. For ``x`` (batch, time, dim) and ``weight`` (directions * dim, W) the
+output is (batch, time, directions * dim), direction g in channel block g: what
+``Mamba._convolve_directions`` computes with ``F.conv1d`` on the transposed, padded input, in one
+kernel instead of about ten operations and their gradients.
+
+The backward pass recomputes the pre-activations from x (W loads a tile), so nothing but x is kept.
+With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how CI tests them.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_T = 32  # frames and channels of a program's tile
+BLOCK_C = 64
+
+
+@triton.jit
+def _tap(x_ptr, t, k, sign, length, channels, channel_mask, s_xt, s_xc, WIDTH: tl.constexpr):
+    """x at frame t + sign * (k - WIDTH + 1) for a tile of frames t (BLOCK_T,) and channels, float32;
+    0 outside [0, length)."""
+    frame = t + sign * (k - WIDTH + 1)
+    valid = (frame >= 0) & (frame < length)
+    x = tl.load(x_ptr + frame[:, None] * s_xt + channels[None, :] * s_xc,
+                mask=valid[:, None] & channel_mask[None, :], other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _preactivation(x_ptr, w_ptr, bias, t, sign, length, channels, weight_channels, channel_mask, s_xt, s_xc,
+                   WIDTH: tl.constexpr):
+    """b + sum_k w_k x_{t + sign (k - W + 1)} for a tile, float32."""
+    pre = tl.zeros([t.shape[0], channels.shape[0]], tl.float32) + bias[None, :]
+    for k in tl.static_range(WIDTH):
+        w = tl.load(w_ptr + weight_channels * WIDTH + k, mask=channel_mask, other=0.0).to(tl.float32)
+        pre += w[None, :] * _tap(x_ptr, t, k, sign, length, channels, channel_mask, s_xt, s_xc, WIDTH)
+    return pre
+
+
+@triton.jit
+def conv_forward_kernel(
+    x_ptr, w_ptr, b_ptr, lengths_ptr, out_ptr, TIME, DIM, s_xb, s_xt, s_xc, s_ob, s_ot, s_oc,
+    WIDTH: tl.constexpr, DIRECTIONS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    # one program: a tile of frames and channels of one row, in one direction
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    batch, direction = tl.program_id(2) // DIRECTIONS, tl.program_id(2) % DIRECTIONS
+    channel_mask = channels < DIM
+    length = tl.load(lengths_ptr + batch).to(tl.int32)
+    sign = 1 - 2 * direction  # direction 1 reads the frames after t
+    weight_channels = direction * DIM + channels
+    bias = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + weight_channels, mask=channel_mask, other=0.0).to(tl.float32)
+    pre = _preactivation(x_ptr + batch * s_xb, w_ptr, bias, t, sign, length, channels, weight_channels, channel_mask,
+                         s_xt, s_xc, WIDTH)
+    out = pre * tl.sigmoid(pre)
+    tl.store(out_ptr + batch * s_ob + t[:, None] * s_ot + weight_channels[None, :] * s_oc,
+             out.to(out_ptr.dtype.element_ty), mask=(t < TIME)[:, None] & channel_mask[None, :])
+
+
+@triton.jit
+def conv_backward_kernel(
+    x_ptr, w_ptr, b_ptr, lengths_ptr, grad_out_ptr, grad_x_ptr, grad_w_ptr, grad_b_ptr,
+    TIME, DIM, s_xb, s_xt, s_xc, s_gb, s_gt, s_gc, s_dxb, s_dxt, s_dxc,
+    WIDTH: tl.constexpr, DIRECTIONS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    # one program: a tile of frames and channels of one row, both directions (they share x)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    batch = tl.program_id(2)
+    channel_mask = channels < DIM
+    length = tl.load(lengths_ptr + batch).to(tl.int32)
+    x_ptr += batch * s_xb
+    grad_out_ptr += batch * s_gb
+    grad_x = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    for direction in tl.static_range(DIRECTIONS):
+        sign = 1 - 2 * direction
+        weight_channels = direction * DIM + channels
+        bias = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + weight_channels, mask=channel_mask, other=0.0).to(tl.float32)
+        # this tile's outputs: gradients of the taps and the bias
+        pre = _preactivation(x_ptr, w_ptr, bias, t, sign, length, channels, weight_channels, channel_mask,
+                             s_xt, s_xc, WIDTH)
+        grad_pre = _grad_preactivation(grad_out_ptr, pre, t, TIME, weight_channels, channel_mask, s_gt, s_gc)
+        for k in tl.static_range(WIDTH):
+            x = _tap(x_ptr, t, k, sign, length, channels, channel_mask, s_xt, s_xc, WIDTH)
+            tl.atomic_add(grad_w_ptr + weight_channels * WIDTH + k, tl.sum(grad_pre * x, 0), mask=channel_mask,
+                          sem="relaxed")
+        if HAS_BIAS:
+            tl.atomic_add(grad_b_ptr + weight_channels, tl.sum(grad_pre, 0), mask=channel_mask, sem="relaxed")
+        # this tile's inputs: frame t feeds the outputs at t - sign (k - W + 1) through tap k
+        for k in tl.static_range(WIDTH):
+            shifted = t - sign * (k - WIDTH + 1)
+            pre = _preactivation(x_ptr, w_ptr, bias, shifted, sign, length, channels, weight_channels,
+                                 channel_mask, s_xt, s_xc, WIDTH)
+            grad_pre = _grad_preactivation(grad_out_ptr, pre, shifted, TIME, weight_channels, channel_mask, s_gt,
+                                           s_gc)
+            w = tl.load(w_ptr + weight_channels * WIDTH + k, mask=channel_mask, other=0.0).to(tl.float32)
+            grad_x += w[None, :] * grad_pre
+    grad_x = tl.where((t < length)[:, None], grad_x, 0.0)  # frames past the length read as 0
+    tl.store(grad_x_ptr + batch * s_dxb + t[:, None] * s_dxt + channels[None, :] * s_dxc,
+             grad_x.to(grad_x_ptr.dtype.element_ty), mask=(t < TIME)[:, None] & channel_mask[None, :])
+
+
+@triton.jit
+def _grad_preactivation(grad_out_ptr, pre, t, TIME, weight_channels, channel_mask, s_gt, s_gc):
+    """dL/d(pre-activation) at frames t (0 outside the sequence): grad_out * silu'(pre)."""
+    valid = (t >= 0) & (t < TIME)
+    grad_out = tl.load(grad_out_ptr + t[:, None] * s_gt + weight_channels[None, :] * s_gc,
+                       mask=valid[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    return grad_out * sig * (1.0 + pre * (1.0 - sig))
+
+
+@torch.library.custom_op("mamba_asr::directional_conv_silu_fwd", mutates_args=())
+def directional_conv_silu_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lengths: Tensor, directions: int
+) -> Tensor:
+    """(batch, time, directions * dim) in x's dtype; see the module docstring."""
+    batch, time, dim = x.shape
+    out = x.new_empty(batch, time, directions * dim)
+    grid = (triton.cdiv(time, BLOCK_T), triton.cdiv(dim, BLOCK_C), batch * directions)
+    conv_forward_kernel[grid](
+        x, weight, bias, lengths, out, time, dim, *x.stride(), *out.stride(),
+        WIDTH=weight.shape[1], DIRECTIONS=directions, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None,
+    )
+    return out
+
+
+@directional_conv_silu_fwd.register_fake
+def _(x, weight, bias, lengths, directions):
+    return x.new_empty(x.shape[0], x.shape[1], directions * x.shape[2])
+
+
+@torch.library.custom_op("mamba_asr::directional_conv_silu_bwd", mutates_args=())
+def directional_conv_silu_bwd(
+    grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], lengths: Tensor, directions: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of x, the weight and the bias (empty without a bias)."""
+    batch, time, dim = x.shape
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad_w = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
+    grad_b = torch.zeros(weight.shape[0], device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(time, BLOCK_T), triton.cdiv(dim, BLOCK_C), batch)
+    conv_backward_kernel[grid](
+        x, weight, bias, lengths, grad_out, grad_x, grad_w, grad_b, time, dim,
+        *x.stride(), *grad_out.stride(), *grad_x.stride(),
+        WIDTH=weight.shape[1], DIRECTIONS=directions, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None,
+    )
+    grad_b = grad_b.to(bias.dtype) if bias is not None else x.new_empty(0)
+    return grad_x, grad_w.to(weight.dtype), grad_b
+
+
+@directional_conv_silu_bwd.register_fake
+def _(grad_out, x, weight, bias, lengths, directions):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape), (
+        bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lengths, directions = inputs
+    ctx.save_for_backward(x, weight, bias, lengths)
+    ctx.directions, ctx.has_bias = directions, bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias, lengths = ctx.saved_tensors
+    grad_x, grad_w, grad_b = directional_conv_silu_bwd(grad_out, x, weight, bias, lengths, ctx.directions)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
+
+
+directional_conv_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def directional_conv_silu(x, weight, bias, lengths, directions):
+    """SiLU(depthwise convolution) of x (batch, time, dim) in each direction: (batch, time, directions *
+    dim); ``weight`` (directions * dim, width) holds each direction's taps as its own causal
+    convolution has them, ``lengths`` (batch,) int32."""
+    return directional_conv_silu_fwd(x, weight.contiguous(), bias.contiguous() if bias is not None else None,
+                                     lengths, directions)

@@ -2,6 +2,7 @@
 
     python bench/recipe_speed.py train_CTC.py hparams/CTC/conmamba_large.yaml --data_folder D --number_of_epochs 2
     python bench/recipe_speed.py --syncs train_CTC.py ...   # also: where the training steps wait for the GPU
+    python bench/recipe_speed.py --profile 45:3 train_CTC.py ...   # also: operators of steps 45-47
 
 Runs the training script in this process, unchanged (any recipe built on ``RecipeBrain``), and times each
 epoch's training stage from the start of its first step to the end of its last, the GPU's queued work
@@ -90,7 +91,37 @@ class SyncCounter:
 PHASES = ("compute_forward", "compute_objectives", "optimizers_step")
 
 
-def instrument(epochs, syncs):
+class StepProfiler:
+    """torch.profiler over training steps ``first`` .. ``first + count - 1`` (counted over the whole run,
+    from 1): the operators by host time spent in them, and by GPU time."""
+
+    def __init__(self, first, count):
+        self.first, self.count, self.step, self.profiler, self.tables = first, count, 0, None, []
+
+    def before_step(self):
+        self.step += 1
+        if self.step == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+
+    def after_step(self):
+        if self.profiler is not None and self.step == self.first + self.count - 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.stop()
+            averages = self.profiler.key_averages()
+            self.tables.append(f"profile of steps {self.first}-{self.step}, by host time:")
+            self.tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=25))
+            if torch.cuda.is_available():
+                self.tables.append("by GPU time:")
+                self.tables.append(averages.table(sort_by="self_device_time_total", row_limit=15))
+            self.profiler = None
+
+
+def instrument(epochs, syncs, profiler=None):
     """Wraps RecipeBrain's training step and stage end to time each epoch's training stage, and the
     brain's hooks to time how long the host spends issuing each phase of a step (without waiting)."""
     fit_batch, on_stage_end = RecipeBrain.fit_batch, RecipeBrain.on_stage_end
@@ -117,8 +148,12 @@ def instrument(epochs, syncs):
                     setattr(brain, phase, timed(phase, getattr(brain, phase)))
                     getattr(brain, phase).__wrapped_phase__ = True
         current["between"] += now - current["last"]  # the loader's next batch, the loop's bookkeeping
+        if profiler is not None:
+            profiler.before_step()
         with syncs if syncs is not None else contextlib.nullcontext():
             loss = fit_batch(brain, batch)
+        if profiler is not None:
+            profiler.after_step()
         current["last"] = time.perf_counter()
         current["step"] += current["last"] - now
         current["steps"] += 1
@@ -137,9 +172,9 @@ def instrument(epochs, syncs):
     RecipeBrain.fit_batch, RecipeBrain.on_stage_end = timed_fit_batch, timed_on_stage_end
 
 
-def report(epochs, sampler, syncs):
+def report(epochs, sampler, syncs, profiler=None):
     """The results as text lines."""
-    lines = ["| epoch | training steps | seconds | steps/s | mean GPU utilisation |", "|---|---|---|---|---|"]
+    lines = (profiler.tables if profiler is not None else []) + ["| epoch | training steps | seconds | steps/s | mean GPU utilisation |", "|---|---|---|---|---|"]
     for e in epochs:
         seconds = e["end"] - e["start"]
         utilisation = sampler.mean_between(e["start"], e["end"]) if sampler else None
@@ -167,6 +202,8 @@ def report(epochs, sampler, syncs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--syncs", action="store_true", help="count the synchronisations of the training steps")
+    parser.add_argument("--profile", metavar="FIRST:COUNT", help="profile COUNT training steps from step FIRST (of the "
+                        "run, from 1): the operators by host time and by GPU time")
     parser.add_argument("script", help="the training script, e.g. train_CTC.py")
     parser.add_argument("arguments", nargs=argparse.REMAINDER, help="its yaml file and overrides")
     args = parser.parse_args()
@@ -176,7 +213,8 @@ def main():
     if args.syncs and torch.cuda.is_available():
         syncs = SyncCounter()
         syncs.install()
-    instrument(epochs, syncs)
+    profiler = StepProfiler(*(int(n) for n in args.profile.split(":"))) if args.profile else None
+    instrument(epochs, syncs, profiler)
     sampler = UtilisationSampler() if torch.cuda.is_available() else None
     if sampler:
         sampler.start()
@@ -186,7 +224,7 @@ def main():
     finally:
         if sampler:
             sampler.running = False
-        print("\n".join(report(epochs, sampler, syncs)), flush=True)
+        print("\n".join(report(epochs, sampler, syncs, profiler)), flush=True)
 
 
 if __name__ == "__main__":

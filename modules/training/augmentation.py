@@ -45,13 +45,16 @@ class UtteranceSpeedPerturb(SpeedPerturb):
         speeds = torch.tensor(self.speeds, dtype=torch.float64)[choice]
         new_samples = torch.ceil(samples * 100 / speeds).long()
         out = wavs.new_zeros(wavs.shape[0], int(new_samples.max()))
+        ends = new_samples.to(wavs.device, non_blocking=True)
         for index, resampler in enumerate(self.resamplers):
             rows = (choice == index).nonzero().squeeze(1)
             if len(rows) == 0:
                 continue
-            resampled = resampler(wavs[rows.to(wavs.device, non_blocking=True), : int(samples[rows].max())])
-            valid = torch.arange(resampled.shape[1]) < new_samples[rows, None]  # zeros past each row's end
-            out[rows.to(wavs.device, non_blocking=True), : resampled.shape[1]] = resampled * valid.to(wavs.device, non_blocking=True)
+            length = int(samples[rows].max())
+            rows = rows.to(wavs.device, non_blocking=True)
+            resampled = resampler(wavs[rows, :length])
+            valid = torch.arange(resampled.shape[1], device=wavs.device) < ends[rows, None]  # zeros past the end
+            out[rows, : resampled.shape[1]] = resampled * valid
         return out, (new_samples / out.shape[1]).to(wav_lens)
 
 

@@ -418,7 +418,12 @@ def loader_options(hparams, train_data, valid_data, length_func=lambda row: row[
     ]:
         sampler = DynamicBatchSampler(data, length_func=length_func, **sampler_options)
         options.append(
-            {"batch_sampler": sampler, "num_workers": hparams["num_workers"], "collate_fn": collate_readable}
+            {
+                "batch_sampler": sampler,
+                "num_workers": hparams["num_workers"],
+                "collate_fn": collate_readable,
+                "pin_memory": torch.cuda.is_available(),  # page-locked batches: copies to the GPU run async
+            }
         )
     return tuple(options)
 

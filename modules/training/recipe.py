@@ -78,6 +78,9 @@ class RecipeBrain(sb.Brain):
 
     nonfinite_loss = None  # on the device: a NaN or inf loss since the last optimizer step (None: none noted)
     running_loss = None  # the epoch's training losses (a DeviceRunningMean), on the device
+    # The validation statistic that ranks the checkpoints, kept at validation and averaged at test, in
+    # the keyword of SpeechBrain's ``evaluate``: {"min_key": "WER"} or {"max_key": "ACC"}
+    best_key = None
 
     def fit_batch(self, batch):
         """SpeechBrain's training step (forward, backward, an optimizer step every
@@ -392,7 +395,7 @@ def audio_on_device(batch, device, speed_perturb=None):
 def add_audio_pipeline(hparams, datasets):
     """Adds the item ``sig``: the waveform; None for unreadable audio with ``bad_data: skip`` (the loader
     drops it, see :func:`loader_options`). Speed perturbation is done on the device, see
-    :meth:`RecipeBrain.audio_on_device`."""
+    :func:`audio_on_device`."""
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")

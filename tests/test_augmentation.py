@@ -35,6 +35,21 @@ def test_each_utterance_is_resampled_as_alone_at_its_own_speed():
     assert out_lens.max() == 1.0
 
 
+def test_fractional_speeds_give_the_lengths_of_resampling_alone():
+    """A fractional speed resamples orig_freq to round(orig_freq * 100 / speed), not exactly 100 / speed."""
+    perturb = UtteranceSpeedPerturb(orig_freq=160, speeds=[92.5, 107.3])  # a low rate: small filters
+    lengths = [1600, 1234, 7, 999]
+    wavs, lens = padded_batch(lengths)
+    torch.manual_seed(3)
+    out, out_lens = perturb(wavs, lens)
+    torch.manual_seed(3)
+    speeds = torch.randint(2, (len(lengths),))
+    assert len(set(speeds.tolist())) == 2
+    for row, length in enumerate(lengths):
+        alone = perturb.resamplers[speeds[row]](wavs[row : row + 1, :length])[0]
+        assert round(float(out_lens[row] * out.shape[1])) == alone.shape[0]
+
+
 def test_speeds_are_drawn_per_utterance():
     perturb = UtteranceSpeedPerturb(orig_freq=16000, speeds=[90, 110])
     wavs, lens = padded_batch([16000] * 64)

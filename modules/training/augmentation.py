@@ -19,7 +19,7 @@ class UtteranceSpeedPerturb(SpeedPerturb):
 
     An utterance's valid samples are those of resampling it alone: the resampler is a filter of
     finite width over zero padding either way. The relative lengths returned count each utterance's
-    new valid samples, ``ceil(samples * 100 / speed)``.
+    new valid samples, as many as resampling it alone gives (``ceil(samples * 100 / speed)``).
 
     Example
     -------
@@ -42,8 +42,10 @@ class UtteranceSpeedPerturb(SpeedPerturb):
         """:meth:`forward` in the precision of ``wavs``."""
         samples = torch.round(wav_lens.cpu().double() * wavs.shape[1]).long()
         choice = torch.randint(len(self.speeds), (wavs.shape[0],))
-        speeds = torch.tensor(self.speeds, dtype=torch.float64)[choice]
-        new_samples = torch.ceil(samples * 100 / speeds).long()
+        # each resampler maps orig_freq samples to new_freq ones (100 to 100 * 100 / speed)
+        new_freq = torch.tensor([resampler.new_freq for resampler in self.resamplers])[choice]
+        orig_freq = torch.tensor([resampler.orig_freq for resampler in self.resamplers])[choice]
+        new_samples = (samples * new_freq + orig_freq - 1) // orig_freq  # the resampler's ceil
         out = wavs.new_zeros(wavs.shape[0], int(new_samples.max()))
         ends = new_samples.to(wavs.device, non_blocking=True)
         for index, resampler in enumerate(self.resamplers):

@@ -5,9 +5,9 @@ Direction 0 is causal, ``out_t = silu(b + sum_k w_k x_{t-W+1+k})``; direction 1 
 is the causal convolution of each row reversed inside its own length, which in time order reads
 ``x_{t+W-1-k}``: its taps are used as they are, nothing is flipped, gathered or transposed. Frames at or
 past a row's length read as 0. For ``x`` (batch, time, dim) and ``weight`` (directions * dim, W) the
-output is (batch, time, directions * dim), direction g in channel block g: what
-``Mamba._convolve_directions`` computes with ``F.conv1d`` on the transposed, padded input, in one
-kernel instead of about ten operations and their gradients.
+output is (batch, time, directions * dim), direction g in channel block g: what the mixers' PyTorch
+path (:class:`~.mamba.Mamba` off Triton) computes with ``F.conv1d`` on the transposed, padded input,
+in one kernel instead of about ten operations and their gradients.
 
 The backward pass recomputes the pre-activations from x (W loads a tile), so nothing but x is kept.
 With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how CI tests them.

@@ -67,7 +67,10 @@ def summarize(events, rows=20):
     """Step time, device-busy share and the largest kernels (or top-level CPU operators), as text lines."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
     # the host's step spans (a CUDA trace repeats them on the GPU's timeline, as gpu_user_annotation)
-    steps = [e for e in complete if e.get("name", "").startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"]
+    steps = [
+        e for e in complete
+        if e.get("name", "").startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"
+    ]
     if not steps:
         raise ValueError("the trace has no ProfilerStep# spans: is it a trace of SpeechBrain's --profile_training?")
     window = (min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps))
@@ -84,9 +87,8 @@ def summarize(events, rows=20):
         listed, what = top_level([e for e in inside if e.get("cat") == "cpu_op"]), "top-level operator"
     for waited, matches in HOST_WAITS.items():
         waits = busy_time((e["ts"], e["ts"] + e["dur"]) for e in inside if matches(e))
-        lines.append(
-            f"host waiting for {waited}: {waits / len(steps) / 1e3:.1f} ms a step ({waits / (window[1] - window[0]):.0%})"
-        )
+        share = waits / (window[1] - window[0])
+        lines.append(f"host waiting for {waited}: {waits / len(steps) / 1e3:.1f} ms a step ({share:.0%})")
     totals, calls = defaultdict(float), defaultdict(int)
     for event in listed:
         totals[event["name"]] += event["dur"]

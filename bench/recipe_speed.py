@@ -174,7 +174,8 @@ def instrument(epochs, syncs, profiler=None):
 
 def report(epochs, sampler, syncs, profiler=None):
     """The results as text lines."""
-    lines = (profiler.tables if profiler is not None else []) + ["| epoch | training steps | seconds | steps/s | mean GPU utilisation |", "|---|---|---|---|---|"]
+    lines = list(profiler.tables) if profiler is not None else []
+    lines += ["| epoch | training steps | seconds | steps/s | mean GPU utilisation |", "|---|---|---|---|---|"]
     for e in epochs:
         seconds = e["end"] - e["start"]
         utilisation = sampler.mean_between(e["start"], e["end"]) if sampler else None

@@ -11,7 +11,11 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")  # PyTorch's Linux wheels bring it; elsewhere the kernels cannot run
 
-from modules.mamba.conv_triton import directional_conv_silu, directional_conv_silu_bwd, directional_conv_silu_fwd  # noqa: E402
+from modules.mamba.conv_triton import (  # noqa: E402
+    directional_conv_silu,
+    directional_conv_silu_bwd,
+    directional_conv_silu_fwd,
+)
 from modules.mamba.mamba import Mamba  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

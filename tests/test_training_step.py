@@ -66,7 +66,10 @@ def test_validation_losses_keep_speechbrains_average():
 
 def test_recipe_speed_times_the_epochs_of_a_real_recipe(tmp_path):
     proc = run_tiny_ctc(
-        str(tmp_path), "--number_of_epochs=2", "--test_beam_size=1", launcher=(os.path.join(ROOT, "bench", "recipe_speed.py"),)
+        str(tmp_path),
+        "--number_of_epochs=2",
+        "--test_beam_size=1",
+        launcher=(os.path.join(ROOT, "bench", "recipe_speed.py"),),
     )
     lines = proc.stdout.splitlines()
     table = lines[lines.index("| epoch | training steps | seconds | steps/s | mean GPU utilisation |") :]

@@ -9,7 +9,10 @@ output is (batch, time, directions * dim), direction g in channel block g: what 
 path (:class:`~.mamba.Mamba` off Triton) computes with ``F.conv1d`` on the transposed, padded input,
 in one kernel instead of about ten operations and their gradients.
 
-The backward pass recomputes the pre-activations from x (W loads a tile), so nothing but x is kept.
+The backward pass recomputes the pre-activations from x (W loads a tile), so nothing but x is kept. It
+runs as two kernels: one walks each row's channel block through time, storing the gradient of the
+pre-activations and summing the taps' and bias's gradients in registers (one atomic add a program);
+the other gathers each input frame's gradient from the W outputs it feeds, in both directions.
 With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how CI tests them.
 """
 
@@ -47,6 +50,16 @@ def _preactivation(x_ptr, w_ptr, bias, t, sign, length, channels, weight_channel
 
 
 @triton.jit
+def _grad_preactivation(grad_out_ptr, pre, t, TIME, weight_channels, channel_mask, s_gt, s_gc):
+    """dL/d(pre-activation) at frames t (0 outside the sequence): grad_out * silu'(pre)."""
+    valid = (t >= 0) & (t < TIME)
+    grad_out = tl.load(grad_out_ptr + t[:, None] * s_gt + weight_channels[None, :] * s_gc,
+                       mask=valid[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    return grad_out * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
 def conv_forward_kernel(
     x_ptr, w_ptr, b_ptr, lengths_ptr, out_ptr, TIME, DIM, s_xb, s_xt, s_xc, s_ob, s_ot, s_oc,
     WIDTH: tl.constexpr, DIRECTIONS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -71,59 +84,72 @@ def conv_forward_kernel(
 
 
 @triton.jit
-def conv_backward_kernel(
-    x_ptr, w_ptr, b_ptr, lengths_ptr, grad_out_ptr, grad_x_ptr, grad_w_ptr, grad_b_ptr,
-    TIME, DIM, s_xb, s_xt, s_xc, s_gb, s_gt, s_gc, s_dxb, s_dxt, s_dxc,
-    WIDTH: tl.constexpr, DIRECTIONS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+def conv_grad_preactivation_kernel(
+    x_ptr, w_ptr, b_ptr, lengths_ptr, grad_out_ptr, grad_pre_ptr, grad_w_ptr, grad_b_ptr,
+    TIME, DIM, s_xb, s_xt, s_xc, s_gb, s_gt, s_gc, s_pb, s_pt, s_pc,
+    WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
-    # one program: a tile of frames and channels of one row, both directions (they share x)
+    # one program: a block of channels of one row in one direction, through all frames; it stores the
+    # gradient of the pre-activations and adds its sums for the taps and the bias once, at the end
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    batch, direction = tl.program_id(1), tl.program_id(2)
+    channel_mask = channels < DIM
+    length = tl.load(lengths_ptr + batch).to(tl.int32)
+    sign = 1 - 2 * direction  # direction 1 reads the frames after t
+    weight_channels = direction * DIM + channels
+    bias = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + weight_channels, mask=channel_mask, other=0.0).to(tl.float32)
+    x_ptr += batch * s_xb
+    taps = tl.arange(0, BLOCK_W)
+    grad_w = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    grad_b = tl.zeros([BLOCK_C], tl.float32)
+    for start in range(0, TIME, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        pre = _preactivation(x_ptr, w_ptr, bias, t, sign, length, channels, weight_channels, channel_mask,
+                             s_xt, s_xc, WIDTH)
+        grad_pre = _grad_preactivation(grad_out_ptr + batch * s_gb, pre, t, TIME, weight_channels, channel_mask,
+                                       s_gt, s_gc)
+        tl.store(grad_pre_ptr + batch * s_pb + t[:, None] * s_pt + weight_channels[None, :] * s_pc, grad_pre,
+                 mask=(t < TIME)[:, None] & channel_mask[None, :])
+        for k in tl.static_range(WIDTH):
+            x = _tap(x_ptr, t, k, sign, length, channels, channel_mask, s_xt, s_xc, WIDTH)
+            grad_w += tl.where(taps[:, None] == k, tl.sum(grad_pre * x, 0)[None, :], 0.0)
+        grad_b += tl.sum(grad_pre, 0)
+    tl.atomic_add(grad_w_ptr + weight_channels[None, :] * WIDTH + taps[:, None], grad_w,
+                  mask=(taps < WIDTH)[:, None] & channel_mask[None, :], sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(grad_b_ptr + weight_channels, grad_b, mask=channel_mask, sem="relaxed")
+
+
+@triton.jit
+def conv_grad_input_kernel(
+    w_ptr, lengths_ptr, grad_pre_ptr, grad_x_ptr, TIME, DIM, s_pb, s_pt, s_pc, s_dxb, s_dxt, s_dxc,
+    WIDTH: tl.constexpr, DIRECTIONS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # one program: a tile of frames and channels of one row, both directions (they share x); frame t
+    # feeds the outputs at t - sign (k - W + 1) through tap k
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     batch = tl.program_id(2)
     channel_mask = channels < DIM
     length = tl.load(lengths_ptr + batch).to(tl.int32)
-    x_ptr += batch * s_xb
-    grad_out_ptr += batch * s_gb
+    grad_pre_ptr += batch * s_pb
     grad_x = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     for direction in tl.static_range(DIRECTIONS):
         sign = 1 - 2 * direction
         weight_channels = direction * DIM + channels
-        bias = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + weight_channels, mask=channel_mask, other=0.0).to(tl.float32)
-        # this tile's outputs: gradients of the taps and the bias
-        pre = _preactivation(x_ptr, w_ptr, bias, t, sign, length, channels, weight_channels, channel_mask,
-                             s_xt, s_xc, WIDTH)
-        grad_pre = _grad_preactivation(grad_out_ptr, pre, t, TIME, weight_channels, channel_mask, s_gt, s_gc)
         for k in tl.static_range(WIDTH):
-            x = _tap(x_ptr, t, k, sign, length, channels, channel_mask, s_xt, s_xc, WIDTH)
-            tl.atomic_add(grad_w_ptr + weight_channels * WIDTH + k, tl.sum(grad_pre * x, 0), mask=channel_mask,
-                          sem="relaxed")
-        if HAS_BIAS:
-            tl.atomic_add(grad_b_ptr + weight_channels, tl.sum(grad_pre, 0), mask=channel_mask, sem="relaxed")
-        # this tile's inputs: frame t feeds the outputs at t - sign (k - W + 1) through tap k
-        for k in tl.static_range(WIDTH):
-            shifted = t - sign * (k - WIDTH + 1)
-            pre = _preactivation(x_ptr, w_ptr, bias, shifted, sign, length, channels, weight_channels,
-                                 channel_mask, s_xt, s_xc, WIDTH)
-            grad_pre = _grad_preactivation(grad_out_ptr, pre, shifted, TIME, weight_channels, channel_mask, s_gt,
-                                           s_gc)
+            output_frames = t - sign * (k - WIDTH + 1)
+            valid = (output_frames >= 0) & (output_frames < TIME)
+            grad_pre = tl.load(grad_pre_ptr + output_frames[:, None] * s_pt + weight_channels[None, :] * s_pc,
+                               mask=valid[:, None] & channel_mask[None, :], other=0.0)
             w = tl.load(w_ptr + weight_channels * WIDTH + k, mask=channel_mask, other=0.0).to(tl.float32)
             grad_x += w[None, :] * grad_pre
     grad_x = tl.where((t < length)[:, None], grad_x, 0.0)  # frames past the length read as 0
     tl.store(grad_x_ptr + batch * s_dxb + t[:, None] * s_dxt + channels[None, :] * s_dxc,
              grad_x.to(grad_x_ptr.dtype.element_ty), mask=(t < TIME)[:, None] & channel_mask[None, :])
-
-
-@triton.jit
-def _grad_preactivation(grad_out_ptr, pre, t, TIME, weight_channels, channel_mask, s_gt, s_gc):
-    """dL/d(pre-activation) at frames t (0 outside the sequence): grad_out * silu'(pre)."""
-    valid = (t >= 0) & (t < TIME)
-    grad_out = tl.load(grad_out_ptr + t[:, None] * s_gt + weight_channels[None, :] * s_gc,
-                       mask=valid[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
-    sig = tl.sigmoid(pre)
-    return grad_out * sig * (1.0 + pre * (1.0 - sig))
 
 
 @torch.library.custom_op("mamba_asr::directional_conv_silu_fwd", mutates_args=())
@@ -155,11 +181,16 @@ def directional_conv_silu_bwd(
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad_w = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
     grad_b = torch.zeros(weight.shape[0], device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(time, BLOCK_T), triton.cdiv(dim, BLOCK_C), batch)
-    conv_backward_kernel[grid](
-        x, weight, bias, lengths, grad_out, grad_x, grad_w, grad_b, time, dim,
-        *x.stride(), *grad_out.stride(), *grad_x.stride(),
-        WIDTH=weight.shape[1], DIRECTIONS=directions, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None,
+    grad_pre = x.new_empty(batch, time, directions * dim, dtype=torch.float32)
+    conv_grad_preactivation_kernel[(triton.cdiv(dim, BLOCK_C), batch, directions)](
+        x, weight, bias, lengths, grad_out, grad_pre, grad_w, grad_b, time, dim,
+        *x.stride(), *grad_out.stride(), *grad_pre.stride(),
+        WIDTH=weight.shape[1], BLOCK_W=triton.next_power_of_2(weight.shape[1]), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
+        HAS_BIAS=bias is not None,
+    )
+    conv_grad_input_kernel[(triton.cdiv(time, BLOCK_T), triton.cdiv(dim, BLOCK_C), batch)](
+        weight, lengths, grad_pre, grad_x, time, dim, *grad_pre.stride(), *grad_x.stride(),
+        WIDTH=weight.shape[1], DIRECTIONS=directions, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C,
     )
     grad_b = grad_b.to(bias.dtype) if bias is not None else x.new_empty(0)
     return grad_x, grad_w.to(weight.dtype), grad_b

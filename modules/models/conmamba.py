@@ -168,10 +168,11 @@ class ConMambaEncoder(nn.Module):
         if dynchunktrain_config is not None:
             raise NotImplementedError("ConMamba has no dynamic-chunk training; use causal=True for streaming.")
         batch, time, _ = src.shape
+        # int32, as the scan kernels read them: converted once here rather than in every layer
         if src_key_padding_mask is None:
-            lengths = torch.full((batch,), time, device=src.device)
+            lengths = torch.full((batch,), time, device=src.device, dtype=torch.int32)
         else:
-            lengths = (~src_key_padding_mask).sum(dim=1)
+            lengths = (~src_key_padding_mask).sum(dim=1, dtype=torch.int32)
         output = src
         for index, layer in enumerate(self.layers):
             output = layer(output, lengths, src_key_padding_mask, None if cache is None else cache[index])

@@ -60,6 +60,20 @@ def _grad_preactivation(grad_out_ptr, pre, t, TIME, weight_channels, channel_mas
 
 
 @triton.jit
+def _direction_setup(b_ptr, lengths_ptr, batch, direction, channels, DIM, HAS_BIAS: tl.constexpr):
+    """A program's channel mask, row length, reading direction (+1 causal, -1 anti-causal), channels
+    into the taps and bias (float32, 0 without one)."""
+    channel_mask = channels < DIM
+    length = tl.load(lengths_ptr + batch).to(tl.int32)
+    sign = 1 - 2 * direction  # direction 1 reads the frames after t
+    weight_channels = direction * DIM + channels
+    bias = tl.zeros([channels.shape[0]], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + weight_channels, mask=channel_mask, other=0.0).to(tl.float32)
+    return channel_mask, length, sign, weight_channels, bias
+
+
+@triton.jit
 def conv_forward_kernel(
     x_ptr, w_ptr, b_ptr, lengths_ptr, out_ptr, TIME, DIM, s_xb, s_xt, s_xc, s_ob, s_ot, s_oc,
     WIDTH: tl.constexpr, DIRECTIONS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -69,13 +83,8 @@ def conv_forward_kernel(
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     batch, direction = tl.program_id(2) // DIRECTIONS, tl.program_id(2) % DIRECTIONS
-    channel_mask = channels < DIM
-    length = tl.load(lengths_ptr + batch).to(tl.int32)
-    sign = 1 - 2 * direction  # direction 1 reads the frames after t
-    weight_channels = direction * DIM + channels
-    bias = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + weight_channels, mask=channel_mask, other=0.0).to(tl.float32)
+    channel_mask, length, sign, weight_channels, bias = _direction_setup(b_ptr, lengths_ptr, batch, direction,
+                                                                          channels, DIM, HAS_BIAS)
     pre = _preactivation(x_ptr + batch * s_xb, w_ptr, bias, t, sign, length, channels, weight_channels, channel_mask,
                          s_xt, s_xc, WIDTH)
     out = pre * tl.sigmoid(pre)
@@ -94,13 +103,8 @@ def conv_grad_preactivation_kernel(
     # gradient of the pre-activations and adds its sums for the taps and the bias once, at the end
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     batch, direction = tl.program_id(1), tl.program_id(2)
-    channel_mask = channels < DIM
-    length = tl.load(lengths_ptr + batch).to(tl.int32)
-    sign = 1 - 2 * direction  # direction 1 reads the frames after t
-    weight_channels = direction * DIM + channels
-    bias = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + weight_channels, mask=channel_mask, other=0.0).to(tl.float32)
+    channel_mask, length, sign, weight_channels, bias = _direction_setup(b_ptr, lengths_ptr, batch, direction,
+                                                                          channels, DIM, HAS_BIAS)
     x_ptr += batch * s_xb
     taps = tl.arange(0, BLOCK_W)
     grad_w = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)

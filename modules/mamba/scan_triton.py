@@ -57,12 +57,10 @@ def _is_reversed(direction, BIDIRECTIONAL: tl.constexpr):
 
 
 @triton.jit
-def _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, states, N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """A log2(e) (states, BLOCK_D), D and the step-size bias (BLOCK_D,) of one channel block; zeros where
-    absent. A is read as stored, (channels, N)."""
-    # exp(x A) = exp2(x A log2 e)
-    A = tl.load(A_ptr + channels[None, :] * N + states[:, None], mask=channel_mask[None, :], other=0.0) * LOG2_E
+    """A log2(e) (N, BLOCK_D), D and the step-size bias (BLOCK_D,) of one channel block; zeros where absent."""
+    A = tl.load(A_ptr + state_offsets, mask=channel_mask[None, :], other=0.0) * LOG2_E  # exp(x A) = exp2(x A log2 e)
     D = tl.zeros([BLOCK_D], tl.float32)
     bias = tl.zeros([BLOCK_D], tl.float32)
     if HAS_D:
@@ -134,7 +132,7 @@ def scan_forward_kernel(
     # (N, BLOCK_D) into A and the states, stored (state, channels): lanes read consecutive channels
     state_offsets = states[:, None] * total_channels + channels[None, :]
     state_mask = channel_mask[None, :]
-    A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, states, N, BLOCK_D, HAS_D,
+    A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, HAS_D,
                              HAS_BIAS)
     D = tl.where(part == 0, D, 0.0)  # the parts' outputs are summed: one of them adds the D skip
     u_ptr += batch * s_ub
@@ -205,7 +203,7 @@ def scan_backward_kernel(
     total_channels = DIM * (1 + BIDIRECTIONAL)
     state_offsets = states[:, None] * total_channels + channels[None, :]
     state_mask = channel_mask[None, :]
-    A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, states, N, BLOCK_D, HAS_D,
+    A, D, bias = _parameters(A_ptr, D_ptr, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, HAS_D,
                              HAS_BIAS)
     D = tl.where(part == 0, D, 0.0)  # the parts' outputs are summed: one of them adds the D skip
     u_ptr += batch * s_ub
@@ -292,7 +290,7 @@ def scan_backward_kernel(
             adjoint = tl.math.exp2(delta[None, :] * A) * adjoint
 
     per_batch = batch * total_channels
-    tl.store(grad_A_ptr + (per_batch + channels[None, :]) * N + states[:, None], grad_A, mask=state_mask)
+    tl.store(grad_A_ptr + per_batch * N + state_offsets, grad_A, mask=state_mask)
     tl.store(grad_D_ptr + per_batch + channels, grad_D, mask=channel_mask & (part == 0))
     tl.store(grad_bias_ptr + part * tl.num_programs(1) * total_channels + per_batch + channels, grad_bias,
              mask=channel_mask)
@@ -313,7 +311,7 @@ def directional_scan_fwd(
     batch, time, channels = u.shape
     dim, state = channels // directions, A.shape[1]
     bidirectional = directions == 2
-    # the kernels keep the states as (state, channels): a warp's lanes read consecutive channels
+    # the kernels keep states and A as (state, channels): a warp's lanes read consecutive channels
     h0 = initial_state.float().transpose(1, 2).contiguous() if initial_state is not None else None
     split = min(FORWARD["SPLIT"], state)
     atomic = bidirectional or split > 1  # several programs add into each output
@@ -322,7 +320,7 @@ def directional_scan_fwd(
     checkpoints = u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
     grid = (triton.cdiv(dim, FORWARD["BLOCK_D"]) * split, batch, directions)
     scan_forward_kernel[grid](
-        u, delta, A, B, C, D, delta_bias, z, lengths, h0, out, last, checkpoints,
+        u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, h0, out, last, checkpoints,
         dim, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *out.stride(),
         *checkpoints.stride()[:3],
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
@@ -363,13 +361,13 @@ def directional_scan_bwd(
     if z is not None:
         atomic = bidirectional or split > 1
         grad_z = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if atomic else z.dtype)
-    grad_A = u.new_empty(batch, channels, state, dtype=torch.float32)  # A's layout
+    grad_A = u.new_empty(batch, state, channels, dtype=torch.float32)
     grad_D = u.new_empty(batch, channels, dtype=torch.float32)
     grad_bias = u.new_empty(split, batch, channels, dtype=torch.float32)  # one partial sum per part
-    grad_h0 = u.new_empty(batch, state, channels, dtype=torch.float32)
+    grad_h0 = torch.empty_like(grad_A)
     scratch = u.new_empty(blocks * split * batch * directions, BLOCK_T, state // split, block_d, dtype=torch.float32)
     scan_backward_kernel[(blocks * split, batch, directions)](
-        u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
+        u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
         grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None,
         grad_u, grad_delta, grad_B, grad_C, grad_z, grad_A, grad_D, grad_bias, grad_h0,
         dim,
@@ -384,7 +382,7 @@ def directional_scan_bwd(
     return (
         grad_u.to(u.dtype),
         grad_delta.to(delta.dtype),
-        grad_A.sum(0),
+        grad_A.sum(0).t().contiguous(),
         grad_B.sum(0).to(B.dtype),
         grad_C.sum(0).to(C.dtype),
         grad_D.sum(0) if D is not None else empty,

@@ -39,6 +39,7 @@ from modules.training.recipe import (
     RecipeBrain,
     add_audio_pipeline,
     audio_on_device,
+    compile_layers,
     csv_name,
     evaluate_test_sets,
     load_datasets,
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 # Every key of the yaml that this recipe reads: checked before any work is done
 # (tests/test_config_checks.py keeps the list complete).
 REQUIRED_HPARAMS = """
+    compile_layers encoder
     acc_computer avg_checkpoints bad_data bos_index character_coverage checkpointer
     compute_features ctc_cost ctc_scorer ctc_weight ctc_weight_decode data_folder dev_splits
     dynamic_batch_sampler_train dynamic_batch_sampler_valid dynamic_batching eos_index
@@ -238,6 +240,8 @@ if __name__ == "__main__":
     asr_brain.build_test_search(scorer=build_test_scorer(hparams, asr_brain.device))
 
     train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
+    if hparams["compile_layers"]:  # eager by default (README, "Training on LibriSpeech")
+        compile_layers(hparams["encoder"], dynamic=True)
     asr_brain.fit(
         asr_brain.hparams.epoch_counter,
         train_data,

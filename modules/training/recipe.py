@@ -242,6 +242,19 @@ class RecipeBrain(sb.Brain):
                 self.wer_metric.write_stats(w)
 
 
+def compile_layers(encoder, **options):
+    """``torch.compile`` each layer of ``encoder.layers`` (a ConMamba or Conformer stack) in place, with
+    ``options`` (e.g. ``dynamic=True``: one compilation for every batch shape).
+
+    The layers run the same code, so one compilation serves them all, where compiling the whole
+    encoder traces every layer anew (regional compilation), and SpeechBrain's CNN front-end stays
+    eager (Inductor in PyTorch 2.11 fails on it with dynamic shapes, RESULTS.md). In place, so the
+    state_dict names do not change and checkpoints load into eager models as they are.
+    """
+    for layer in encoder.layers:
+        layer.compile(**options)
+
+
 def prepare_manifests(hparams, prepare):
     """One csv per split of ``data_folder`` (training splits merged into train.csv), on the main process.
 

@@ -48,13 +48,12 @@ from modules.training.recipe import (
 # Every key of the yaml that this recipe reads: checked before any work is done
 # (tests/test_config_checks.py keeps the list complete).
 REQUIRED_HPARAMS = """
-    compile_layers encoder
     avg_checkpoints bad_data blank_index bos_index cer_computer character_coverage checkpointer
-    compute_features ctc_cost data_folder dev_splits dynamic_batch_sampler_train
-    dynamic_batch_sampler_valid dynamic_batching eos_index epoch_counter error_rate_computer
-    fea_augment log_softmax max_duration model model_opt_class modules ngram_lm_file ngram_order noam_annealing
-    num_workers output_folder output_neurons sample_rate select_n_sentences skip_prep sorting
-    speed_perturb test_csv test_dataloader_opts test_search test_splits token_type
+    compile_layers compute_features ctc_cost data_folder dev_splits dynamic_batch_sampler_train
+    dynamic_batch_sampler_valid dynamic_batching encoder eos_index epoch_counter error_rate_computer
+    fea_augment log_softmax max_duration model model_opt_class modules ngram_lm_file ngram_order
+    noam_annealing num_workers output_folder output_neurons sample_rate select_n_sentences skip_prep
+    sorting speed_perturb test_csv test_dataloader_opts test_search test_splits token_type
     tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
     valid_dataloader_opts
 """.split()

@@ -55,16 +55,15 @@ logger = logging.getLogger(__name__)
 # Every key of the yaml that this recipe reads: checked before any work is done
 # (tests/test_config_checks.py keeps the list complete).
 REQUIRED_HPARAMS = """
-    compile_layers encoder
-    acc_computer avg_checkpoints bad_data bos_index character_coverage checkpointer
+    acc_computer avg_checkpoints bad_data bos_index character_coverage checkpointer compile_layers
     compute_features ctc_cost ctc_scorer ctc_weight ctc_weight_decode data_folder dev_splits
-    dynamic_batch_sampler_train dynamic_batch_sampler_valid dynamic_batching eos_index
-    epoch_counter error_rate_computer fea_augment lm_file lm_model lm_scorer lm_weight
-    log_softmax max_duration model model_opt_class modules noam_annealing num_workers
-    output_folder output_neurons sample_rate select_n_sentences seq_cost skip_prep sorting
-    speed_perturb test_csv test_dataloader_opts test_search test_splits token_type
-    tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
-    valid_dataloader_opts valid_search valid_search_interval
+    dynamic_batch_sampler_train dynamic_batch_sampler_valid dynamic_batching encoder eos_index
+    epoch_counter error_rate_computer fea_augment lm_file lm_model lm_scorer lm_weight log_softmax
+    max_duration model model_opt_class modules noam_annealing num_workers output_folder
+    output_neurons sample_rate select_n_sentences seq_cost skip_prep sorting speed_perturb test_csv
+    test_dataloader_opts test_search test_splits token_type tokenizer_folder train_csv
+    train_dataloader_opts train_logger train_splits valid_csv valid_dataloader_opts valid_search
+    valid_search_interval
 """.split()
 
 

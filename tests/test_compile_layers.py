@@ -3,7 +3,7 @@
 What must hold: one compiled graph serves every layer and every batch shape (no recompilation as the
 dynamic batches change), the outputs and gradients are the eager ones, and the state_dict keeps its
 names. ``aot_eager`` traces forward and backward as Inductor would, without generating code, so
-this runs on the CPU in seconds; the mixers take the Triton path (interpreted here), as on a GPU.
+this runs on the CPU (about a minute); the mixers take the Triton path (interpreted here), as on a GPU.
 """
 
 import copy

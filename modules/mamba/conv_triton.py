@@ -106,6 +106,8 @@ def conv_grad_preactivation_kernel(
     channel_mask, length, sign, weight_channels, bias = _direction_setup(b_ptr, lengths_ptr, batch, direction,
                                                                           channels, DIM, HAS_BIAS)
     x_ptr += batch * s_xb
+    grad_out_ptr += batch * s_gb
+    grad_pre_ptr += batch * s_pb
     taps = tl.arange(0, BLOCK_W)
     grad_w = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
     grad_b = tl.zeros([BLOCK_C], tl.float32)
@@ -113,9 +115,8 @@ def conv_grad_preactivation_kernel(
         t = start + tl.arange(0, BLOCK_T)
         pre = _preactivation(x_ptr, w_ptr, bias, t, sign, length, channels, weight_channels, channel_mask,
                              s_xt, s_xc, WIDTH)
-        grad_pre = _grad_preactivation(grad_out_ptr + batch * s_gb, pre, t, TIME, weight_channels, channel_mask,
-                                       s_gt, s_gc)
-        tl.store(grad_pre_ptr + batch * s_pb + t[:, None] * s_pt + weight_channels[None, :] * s_pc, grad_pre,
+        grad_pre = _grad_preactivation(grad_out_ptr, pre, t, TIME, weight_channels, channel_mask, s_gt, s_gc)
+        tl.store(grad_pre_ptr + t[:, None] * s_pt + weight_channels[None, :] * s_pc, grad_pre,
                  mask=(t < TIME)[:, None] & channel_mask[None, :])
         for k in tl.static_range(WIDTH):
             x = _tap(x_ptr, t, k, sign, length, channels, channel_mask, s_xt, s_xc, WIDTH)

@@ -1,8 +1,8 @@
 """``compile_layers: True`` (CTC and S2S yamls): each encoder layer through ``torch.compile``, in place.
 
-What must hold: one compiled graph serves every layer and every batch shape (no recompilation as the
-dynamic batches change), the outputs and gradients are the eager ones, and the state_dict keeps its
-names. ``aot_eager`` traces forward and backward as Inductor would, without generating code, so
+What must hold: one compiled graph serves every layer, every batch shape (no recompilation as the
+dynamic batches change) and a lower-precision first-layer input, the outputs and gradients are the
+eager ones, steps without gradients (validation, test) run eager, and the state_dict keeps its names. ``aot_eager`` traces forward and backward as Inductor would, without generating code, so
 this runs on the CPU (about a minute); the mixers take the Triton path (interpreted here), as on a GPU.
 """
 
@@ -50,6 +50,10 @@ def test_one_graph_serves_every_layer_and_batch_shape(name):
             grads.append(inputs.grad)
         torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # validation: eager, any batch, no new graph
+        single = torch.randn(1, 30, 16)
+        torch.testing.assert_close(compiled(single)[0], eager(single)[0])
+    compiled(x.bfloat16().requires_grad_(), src_key_padding_mask=mask)  # the front-end's dtype under autocast
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     for (key, eager_parameter), compiled_parameter in zip(eager.named_parameters(), compiled.parameters()):

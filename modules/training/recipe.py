@@ -243,16 +243,31 @@ class RecipeBrain(sb.Brain):
 
 
 def compile_layers(encoder, **options):
-    """``torch.compile`` each layer of ``encoder.layers`` (a ConMamba or Conformer stack) in place, with
-    ``options`` (e.g. ``dynamic=True``: one compilation for every batch shape).
+    """``torch.compile`` each layer of ``encoder.layers`` (a ConMamba or Conformer stack) for training,
+    in place, with ``options`` (e.g. ``dynamic=True``: one compilation for every batch shape).
 
     The layers run the same code, so one compilation serves them all, where compiling the whole
     encoder traces every layer anew (regional compilation), and SpeechBrain's CNN front-end stays
-    eager (Inductor in PyTorch 2.11 fails on it with dynamic shapes, RESULTS.md). In place, so the
-    state_dict names do not change and checkpoints load into eager models as they are.
+    eager (Inductor in PyTorch 2.11 fails on it with dynamic shapes, RESULTS.md). Only steps with
+    gradients run compiled: validation and test (no gradients, another autocast state, batches of one
+    utterance) would each need a graph of their own for a few seconds of work, so they run eager.
+    A layer's input is cast to its parameters' dtype, the dtype its LayerNorms return under autocast,
+    so that the first layer (fed in bfloat16 by the front-end) shares the graph of the others. In
+    place, so the state_dict names do not change and checkpoints load into eager models as they are.
     """
     for layer in encoder.layers:
-        layer.compile(**options)
+        layer.forward = _compiled_for_training(layer.forward, next(layer.parameters()).dtype, **options)
+
+
+def _compiled_for_training(forward, dtype, **options):
+    compiled = torch.compile(forward, **options)
+
+    def forward_with_gradients_compiled(x, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return compiled(x.to(dtype), *args, **kwargs)
+        return forward(x, *args, **kwargs)
+
+    return forward_with_gradients_compiled
 
 
 def prepare_manifests(hparams, prepare):

@@ -183,11 +183,33 @@ def test_the_dispatch_picks_the_documented_backend():
 
 
 def test_the_kernels_trace_as_one_graph_node():
-    """torch.compile(fullgraph=True) sees the kernels as custom ops with shape functions and a backward."""
-    inputs = scan_inputs(2, 12, 8, 4, 2, torch.float32, [12, 5])
+    """torch.compile(fullgraph=True) sees the kernels as custom ops with shape functions and a backward;
+    their results and gradients are those of the eager path (an autograd Function, no custom op)."""
+    inputs = scan_inputs(2, 12, 8, 4, 2, torch.float32, [12, 5], initial_state=True)
     compiled = torch.compile(directional_scan_triton, backend="aot_eager", fullgraph=True)
-    expected = directional_scan_triton(**inputs, directions=2, scale=0.5)
-    torch.testing.assert_close(compiled(**inputs, directions=2, scale=0.5), expected)
+    out, last, grads = run(compiled, inputs, 2, 0.5)
+    out_eager, last_eager, grads_eager = run(directional_scan_triton, inputs, 2, 0.5)
+    torch.testing.assert_close(out, out_eager)
+    torch.testing.assert_close(last, last_eager)
+    for name in grads_eager:
+        torch.testing.assert_close(grads[name], grads_eager[name], msg=name)
+
+
+@pytest.mark.parametrize("used", ["out", "last"])
+def test_a_loss_on_one_output_alone(used):
+    """The backward gets None for the unused output (no tensor of zeros is made for it)."""
+    inputs = scan_inputs(2, 13, 8, 4, 2, torch.float32, [13, 6], initial_state=True)
+    results = []
+    for scan, tensors in [(directional_scan_triton, inputs), (directional_scan_ref, float64_copy(inputs))]:
+        out, last = scan(**tensors, directions=2, scale=0.5, return_last_state=True)
+        loss = (out if used == "out" else last).double().square().sum()
+        leaves = {name: t for name, t in tensors.items() if t.requires_grad}
+        results.append(dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))))
+    for name, expected in results[1].items():
+        if expected is None:  # z gets no gradient from the last state
+            assert results[0][name] is None or not results[0][name].any(), name
+        else:
+            assert_close(results[0][name].double(), expected, 1e-4, f"d{name}")
 
 
 def test_the_custom_ops_agree_with_their_shape_functions():

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .eager_autograd import eager_autograd, pick
+
 BLOCK_T = 32  # frames and channels of a program's tile
 BLOCK_C = 64
 
@@ -157,8 +159,7 @@ def conv_grad_input_kernel(
              grad_x.to(grad_x_ptr.dtype.element_ty), mask=(t < TIME)[:, None] & channel_mask[None, :])
 
 
-@torch.library.custom_op("mamba_asr::directional_conv_silu_fwd", mutates_args=())
-def directional_conv_silu_fwd(
+def _conv_forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lengths: Tensor, directions: int
 ) -> Tensor:
     """(batch, time, directions * dim) in x's dtype; see the module docstring."""
@@ -172,13 +173,17 @@ def directional_conv_silu_fwd(
     return out
 
 
+directional_conv_silu_fwd = torch.library.custom_op("mamba_asr::directional_conv_silu_fwd", mutates_args=())(
+    _conv_forward
+)
+
+
 @directional_conv_silu_fwd.register_fake
 def _(x, weight, bias, lengths, directions):
     return x.new_empty(x.shape[0], x.shape[1], directions * x.shape[2])
 
 
-@torch.library.custom_op("mamba_asr::directional_conv_silu_bwd", mutates_args=())
-def directional_conv_silu_bwd(
+def _conv_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], lengths: Tensor, directions: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of x, the weight and the bias (empty without a bias)."""
@@ -201,6 +206,11 @@ def directional_conv_silu_bwd(
     return grad_x, grad_w.to(weight.dtype), grad_b
 
 
+directional_conv_silu_bwd = torch.library.custom_op("mamba_asr::directional_conv_silu_bwd", mutates_args=())(
+    _conv_backward
+)
+
+
 @directional_conv_silu_bwd.register_fake
 def _(grad_out, x, weight, bias, lengths, directions):
     return torch.empty_like(x, memory_format=torch.contiguous_format), weight.new_empty(weight.shape), (
@@ -213,18 +223,24 @@ def _setup_context(ctx, inputs, output):
     ctx.directions, ctx.has_bias = directions, bias is not None
 
 
-def _backward(ctx, grad_out):
-    x, weight, bias, lengths = ctx.saved_tensors
-    grad_x, grad_w, grad_b = directional_conv_silu_bwd(grad_out, x, weight, bias, lengths, ctx.directions)
-    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
+def _backward_through(conv_backward):
+    """The convolution's backward formula, running ``conv_backward`` (the custom op or its plain function)."""
+
+    def backward(ctx, grad_out):
+        x, weight, bias, lengths = ctx.saved_tensors
+        grad_x, grad_w, grad_b = conv_backward(grad_out, x, weight, bias, lengths, ctx.directions)
+        return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
+
+    return backward
 
 
-directional_conv_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
+directional_conv_silu_fwd.register_autograd(_backward_through(directional_conv_silu_bwd), setup_context=_setup_context)
+_eager_conv = eager_autograd(_conv_forward, _setup_context, _backward_through(_conv_backward))
 
 
 def directional_conv_silu(x, weight, bias, lengths, directions):
     """SiLU(depthwise convolution) of x (batch, time, dim) in each direction: (batch, time, directions *
     dim); ``weight`` (directions * dim, width) holds each direction's taps as its own causal
     convolution has them, ``lengths`` (batch,) int32."""
-    return directional_conv_silu_fwd(x, weight.contiguous(), bias.contiguous() if bias is not None else None,
-                                     lengths, directions)
+    bias = bias.contiguous() if bias is not None else None
+    return pick(directional_conv_silu_fwd, _eager_conv)(x, weight.contiguous(), bias, lengths, directions)

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .eager_autograd import eager_autograd, pick
+
 # Frames between the forward's state checkpoints; the backward recomputes one such chunk at a time.
 # 8 is 10 % faster in the backward (`bench/scan_kernels.py --sweep`) but doubles the checkpoints'
 # memory (float32, batch x time / BLOCK_T x state x channels a layer).
@@ -301,8 +303,7 @@ def _strides(tensor, count):
     return tuple(tensor.stride()) if tensor is not None else (0,) * count
 
 
-@torch.library.custom_op("mamba_asr::directional_scan_fwd", mutates_args=())
-def directional_scan_fwd(
+def _scan_forward(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
     z: Optional[Tensor], lengths: Tensor, initial_state: Optional[Tensor], directions: int, scale: float,
     delta_softplus: bool,
@@ -331,6 +332,9 @@ def directional_scan_fwd(
     return out.to(u.dtype), last.transpose(1, 2), checkpoints  # (batch, channels, state), a view: no copy
 
 
+directional_scan_fwd = torch.library.custom_op("mamba_asr::directional_scan_fwd", mutates_args=())(_scan_forward)
+
+
 @directional_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, scale, delta_softplus):
     batch, time, channels = u.shape
@@ -340,8 +344,7 @@ def _(u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, s
     return out, last, u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
 
 
-@torch.library.custom_op("mamba_asr::directional_scan_bwd", mutates_args=())
-def directional_scan_bwd(
+def _scan_backward(
     grad_out: Tensor, grad_last: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], delta_bias: Optional[Tensor], z: Optional[Tensor], lengths: Tensor, checkpoints: Tensor,
     directions: int, scale: float, delta_softplus: bool,
@@ -392,6 +395,9 @@ def directional_scan_bwd(
     )
 
 
+directional_scan_bwd = torch.library.custom_op("mamba_asr::directional_scan_bwd", mutates_args=())(_scan_backward)
+
+
 @directional_scan_bwd.register_fake
 def _(grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints, directions, scale,
       delta_softplus):
@@ -415,24 +421,34 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, lengths, output[2])
     ctx.directions, ctx.scale, ctx.delta_softplus = directions, scale, delta_softplus
     ctx.optional = (D is not None, delta_bias is not None, z is not None, initial_state is not None)
+    ctx.mark_non_differentiable(output[2])  # the checkpoints only serve the backward
+    ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros to read
 
 
-def _backward(ctx, grad_out, grad_last, grad_checkpoints):
-    u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints = ctx.saved_tensors
-    grads = directional_scan_bwd(
-        grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints,
-        ctx.directions, ctx.scale, ctx.delta_softplus,
-    )
-    grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_bias, grad_z, grad_h0 = grads
-    has_D, has_bias, has_z, has_h0 = ctx.optional
-    return (
-        grad_u, grad_delta, grad_A, grad_B, grad_C,
-        grad_D if has_D else None, grad_bias if has_bias else None, grad_z if has_z else None,
-        None, grad_h0 if has_h0 else None, None, None, None,
-    )
+def _backward_through(scan_backward):
+    """The scan's backward formula, running ``scan_backward`` (the custom op or its plain function)."""
+
+    def backward(ctx, grad_out, grad_last, grad_checkpoints):
+        u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints = ctx.saved_tensors
+        if grad_out is None:  # only the last state was used
+            grad_out = u.new_zeros(u.shape[0], u.shape[1], u.shape[2] // ctx.directions)
+        grads = scan_backward(
+            grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints,
+            ctx.directions, ctx.scale, ctx.delta_softplus,
+        )
+        grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_bias, grad_z, grad_h0 = grads
+        has_D, has_bias, has_z, has_h0 = ctx.optional
+        return (
+            grad_u, grad_delta, grad_A, grad_B, grad_C,
+            grad_D if has_D else None, grad_bias if has_bias else None, grad_z if has_z else None,
+            None, grad_h0 if has_h0 else None, None, None, None,
+        )
+
+    return backward
 
 
-directional_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+directional_scan_fwd.register_autograd(_backward_through(directional_scan_bwd), setup_context=_setup_context)
+_eager_scan = eager_autograd(_scan_forward, _setup_context, _backward_through(_scan_backward))
 
 
 def triton_directional_scan(u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, scale,
@@ -444,7 +460,7 @@ def triton_directional_scan(u, delta, A, B, C, D, delta_bias, z, lengths, initia
     A = A.float().contiguous()
     D = D.float().contiguous() if D is not None else None
     delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
-    out, last, _ = directional_scan_fwd(
+    out, last, _ = pick(directional_scan_fwd, _eager_scan)(
         u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, float(scale), delta_softplus
     )
     return out, last

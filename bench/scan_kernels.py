@@ -16,19 +16,27 @@ count) as a share of a measured device-to-device copy, and the exponentials per 
 
     python bench/scan_kernels.py                       # the three shapes of the issue, H200 figures
     python bench/scan_kernels.py --sweep               # first time block sizes (the defaults come from it)
+    python bench/scan_kernels.py --host                # host time per call instead, eager against custom ops
+
+``--host`` measures what an eager training step is bound by: the host microseconds a call of our scan
+and of our convolution costs, forward and forward + backward, at a tiny shape (2 utterances of 32
+frames, so the GPU never makes the host wait), through the eager autograd Function that eager code
+calls and through the custom ops that compiled code calls (:mod:`modules.mamba.eager_autograd`).
 """
 
 import argparse
 import json
 import os
 import sys
+import time
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.scan_floor import floor_counts  # noqa: E402
-from modules.mamba import scan_cuda, scan_triton  # noqa: E402
+from modules.mamba import conv_triton, scan_cuda, scan_triton  # noqa: E402
 from modules.mamba.scan import directional_scan  # noqa: E402
 
 SHAPES = {  # name: (batch, frames, channels per direction): ~850 s (CTC) or ~500 s (S2S) of audio
@@ -153,12 +161,57 @@ def sweep():
     return best
 
 
+def host_us(function, calls=200):
+    """Mean host microseconds of ``calls`` calls issued back to back, without waiting for the GPU."""
+    for _ in range(5):
+        function()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def host_overhead():
+    """Host microseconds a call of the scan and of the convolution, eager Function against custom op."""
+    inputs = layer_inputs(2, 32, 512)
+    lengths = torch.tensor([32, 20], device="cuda", dtype=torch.int32)
+    grad = torch.randn(2, 32, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 32, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(1024, 4, device="cuda", requires_grad=True)
+    bias = torch.randn(1024, device="cuda", requires_grad=True)
+
+    def scan():
+        return directional_scan(**inputs, lengths=lengths, directions=2, scale=0.5, backend="triton")
+
+    def convolution():
+        return conv_triton.directional_conv_silu(x, weight, bias, lengths, 2)
+
+    print("| call (2 x 32 frames, 2 x 512 channels) | eager Function: fwd / fwd+bwd us | custom op: fwd / fwd+bwd us |")
+    print("|---|---|---|")
+    for name, function, grad_out in (("scan", scan, grad), ("convolution", convolution, torch.cat([grad, grad], -1))):
+        cells = []
+        for through_ops in (False, True):
+            picked = (lambda op, eager: op) if through_ops else (lambda op, eager: eager)
+            with mock.patch.object(scan_triton, "pick", picked), mock.patch.object(conv_triton, "pick", picked):
+                with torch.no_grad():
+                    forward = host_us(function)
+                total = host_us(lambda: function().backward(grad_out))
+            cells.append(f"{forward:.0f} / {total:.0f}")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="time block sizes first and use the fastest")
     parser.add_argument("--save-config", help="with --sweep: write the fastest configuration to this JSON file")
+    parser.add_argument("--host", action="store_true", help="host time per call at a tiny shape, nothing else")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.host:
+        return host_overhead()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; device-to-device copy {bandwidth / 1e9:.0f} GB/s")
     if args.sweep:

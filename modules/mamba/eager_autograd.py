@@ -1,8 +1,8 @@
 """Eager-mode autograd for our Triton custom ops, without the custom-op dispatch.
 
 A ``torch.library.custom_op`` is what lets ``torch.compile`` trace a kernel it cannot look into, but
-every eager call pays for that registration: the dispatcher, the generated autograd wrapper and the
-schema checks cost 40-50 us a call on the H200's host (`bench/scan_kernels.py --host`), and the
+every eager call pays for that registration: the dispatcher and the generated autograd wrapper cost
+tens of microseconds a call on the host (``python bench/scan_kernels.py --host``, RESULTS.md), and the
 training step of an eager model is bound by the host. :func:`eager_autograd` builds the
 ``torch.autograd.Function`` that runs the same kernel function with the same autograd formula, for
 the calls made outside ``torch.compile``; :func:`pick` chooses between the two at each call.

@@ -69,6 +69,18 @@ class ConvolutionModule(nn.Module):
         )
 
 
+class FeedForward(PositionalwiseFeedForward):
+    """SpeechBrain's feed-forward module (same parameters and names) on (batch, time, d_model) as it is.
+
+    SpeechBrain's permutes its input to (time, batch, d_model) and back, so its first matrix product
+    copies the whole input to make it contiguous, forward and backward; a position-wise module needs
+    no permutation.
+    """
+
+    def forward(self, x):
+        return self.ffn(x)
+
+
 class ConMambaEncoderLayer(nn.Module):
     """One ConMamba layer over (batch, time, d_model); see the module docstring.
 
@@ -87,7 +99,7 @@ class ConMambaEncoderLayer(nn.Module):
         self.ffn_module1, self.ffn_module2 = [
             nn.Sequential(
                 LayerNorm(d_model),
-                PositionalwiseFeedForward(d_ffn=d_ffn, input_size=d_model, dropout=dropout, activation=activation),
+                FeedForward(d_ffn=d_ffn, input_size=d_model, dropout=dropout, activation=activation),
                 nn.Dropout(dropout),
             )
             for _ in range(2)

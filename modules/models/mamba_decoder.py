@@ -18,10 +18,10 @@ scans each row's memory once, and :meth:`MambaDecoder.step` then costs O(1) in t
 
 import torch
 import torch.nn as nn
-from speechbrain.nnet.attention import PositionalwiseFeedForward
 from speechbrain.nnet.normalization import LayerNorm
 
 from modules.mamba.mamba import Mamba
+from modules.models.conmamba import FeedForward
 
 
 def packing_index(memory_lengths, memory_time, target_time):
@@ -56,7 +56,7 @@ class MambaDecoderLayer(nn.Module):
             raise ValueError("MambaDecoder supports the Mamba-1 mixer only")
         self.self_mamba = Mamba(d_model, **config)
         self.cross_mamba = Mamba(d_model, **config)
-        self.ffn = PositionalwiseFeedForward(d_ffn=d_ffn, input_size=d_model, dropout=dropout, activation=activation)
+        self.ffn = FeedForward(d_ffn=d_ffn, input_size=d_model, dropout=dropout, activation=activation)
         self.self_norm, self.cross_norm, self.ffn_norm = [LayerNorm(d_model, eps=1e-6) for _ in range(3)]
         self.self_dropout, self.cross_dropout, self.ffn_dropout = [nn.Dropout(dropout) for _ in range(3)]
 

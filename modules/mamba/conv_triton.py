@@ -14,6 +14,9 @@ runs as two kernels: one walks each row's channel block through time, storing th
 pre-activations and summing the taps' and bias's gradients in registers (one atomic add a program);
 the other gathers each input frame's gradient from the W outputs it feeds, in both directions.
 With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how CI tests them.
+
+The passes are registered as custom ops, which ``torch.compile`` traces; eager calls run the same
+functions through an autograd Function instead, without the ops' dispatch (:mod:`.eager_autograd`).
 """
 
 from typing import Optional

@@ -20,6 +20,9 @@ across the batch (A, D, delta bias) per utterance, and the caller sums them.
 Padded steps have step size 0, an identity step (decay 1, no input): outputs and gradients there are
 0 and each row's last state is the state after its own last frame. With ``TRITON_INTERPRET=1`` the
 kernels run on CPU tensors, which is how CI tests them.
+
+The passes are registered as custom ops, which ``torch.compile`` traces; eager calls run the same
+functions through an autograd Function instead, without the ops' dispatch (:mod:`.eager_autograd`).
 """
 
 from typing import Optional

@@ -113,10 +113,10 @@ class ConMambaEncoderLayer(nn.Module):
         continue from (causal layers only), updated in place.
         """
         mixer_cache, convolution_cache = (None, None) if cache is None else cache
-        x = x + 0.5 * self.ffn_module1(x)
+        x = torch.add(x, self.ffn_module1(x), alpha=0.5)  # x + 0.5 * FFN(x), one operation
         x = x + self.mixer(self.mixer_norm(x), lengths, cache=mixer_cache)
         x = x + self.convolution_module(x, padding_mask, cache=convolution_cache)
-        return self.norm(x + 0.5 * self.ffn_module2(x))
+        return self.norm(torch.add(x, self.ffn_module2(x), alpha=0.5))
 
     def allocate_cache(self, batch_size, dtype=None, device=None):
         """Zero states of the mixer and of the convolution module, for chunk-wise inference."""

@@ -2,8 +2,9 @@
 
 What must hold: one compiled graph serves every layer, every batch shape (no recompilation as the
 dynamic batches change) and a lower-precision first-layer input, the outputs and gradients are the
-eager ones, steps without gradients (validation, test) run eager, and the state_dict keeps its names. ``aot_eager`` traces forward and backward as Inductor would, without generating code, so
-this runs on the CPU (about a minute); the mixers take the Triton path (interpreted here), as on a GPU.
+eager ones, steps without gradients (validation, test) run eager, and the state_dict keeps its names.
+``aot_eager`` traces forward and backward as Inductor would, without generating code, so this runs on
+the CPU (about a minute); the mixers take the Triton path (interpreted here), as on a GPU.
 """
 
 import copy

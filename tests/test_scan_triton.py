@@ -93,7 +93,13 @@ def directional_scan_triton(**kwargs):
 
 
 @pytest.mark.parametrize("directions", [1, 2])
-def test_float32_matches_the_float64_reference_with_ragged_lengths(directions):
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetching", "plain"])
+def test_float32_matches_the_float64_reference_with_ragged_lengths(directions, prefetch, monkeypatch):
+    """Both forms of the backward (with its loads issued a frame ahead or not, picked by the number
+    of programs) give the reference's gradients."""
+    from modules.mamba import scan_triton
+
+    monkeypatch.setattr(scan_triton, "BACKWARD_PREFETCH_PROGRAMS", 10**6 if prefetch else 0)
     # 37 frames: three chunks, the last one partial; 20 channels: two channel blocks, the last partial
     check_against_reference(4, 37, 20, 4, directions, [37, 1, 16, 23], torch.float32, 1e-4)
 

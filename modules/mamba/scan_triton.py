@@ -25,6 +25,7 @@ The passes are registered as custom ops, which ``torch.compile`` traces; eager c
 functions through an autograd Function instead, without the ops' dispatch (:mod:`.eager_autograd`).
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -43,6 +44,9 @@ BLOCK_T = 16
 # splitting the states in two gains 2-5 % in the forward and loses in the backward (atomics).
 FORWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=2)
 BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
+# Backward programs a multiprocessor keeps resident with prefetching (232 registers a thread on sm_90:
+# `bench/scan_registers.py`); up to that many per multiprocessor, the backward prefetches.
+BACKWARD_PREFETCH_PROGRAMS = 8
 LOG2_E = tl.constexpr(1.4426950408889634)
 LN_2 = tl.constexpr(0.6931471805599453)
 
@@ -100,6 +104,20 @@ def _load_gate(z_ptr, frame, valid, dims, channel_mask, s_zt, s_zc, HAS_Z: tl.co
         return tl.load(z_ptr + frame * s_zt + dims * s_zc, mask=channel_mask & valid, other=0.0)
     else:
         return tl.zeros([dims.shape[0]], tl.float32)
+
+
+@triton.jit
+def _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr, k, frame, valid, dims, channels,
+                channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt, s_gc,
+                STATES: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """What the backward's walk reads at one frame: u, raw delta, B, C, the output's gradient, z as
+    stored, and the recomputed state of the chunk's k-th frame (STATES, BLOCK_D)."""
+    u, delta, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask, states,
+                                s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+    grad_y = tl.load(grad_out_ptr + frame * s_gt + dims * s_gc, mask=channel_mask & valid, other=0.0)
+    z = _load_gate(z_ptr, frame, valid, dims, channel_mask, s_zt, s_zc, HAS_Z)
+    h = tl.load(scratch_ptr + k * STATES * BLOCK_D)
+    return u, delta, B, C, grad_y, z, h
 
 
 @triton.jit
@@ -194,7 +212,7 @@ def scan_backward_kernel(
     scale,
     N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_GRAD_LAST: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_GRAD_LAST: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # SPLIT programs share a channel block, each scanning N / SPLIT of its states
     block, part = tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT
@@ -240,26 +258,48 @@ def scan_backward_kernel(
         first = (tl.cdiv(length, BLOCK_T) - 1 - back) * BLOCK_T
         # recompute the chunk's states from its checkpoint
         h = tl.load(checkpoint_ptr + (first // BLOCK_T) * s_kk, mask=state_mask, other=0.0)
+        frame_next, valid_next = _frame(first, length, reverse)
+        loads_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame_next, valid_next, channels, channel_mask,
+                                states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
         for k in range(0, BLOCK_T):
-            frame, valid = _frame(first + k, length, reverse)
-            u, delta_raw, B, _ = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
-                                            states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
-            delta, _ = _step_size(delta_raw, bias, valid, SOFTPLUS)
+            frame, valid = frame_next, valid_next
+            frame_next, valid_next = _frame(first + k + 1, length, reverse)
+            if PREFETCH:  # this frame's loads were issued a frame ahead
+                u, delta_raw, B, _C = loads_next
+                loads_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame_next, valid_next, channels,
+                                        channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+            else:
+                u, delta_raw, B, _C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
+                                                 states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+            delta = _step_size(delta_raw, bias, valid, SOFTPLUS)[0]
             h = tl.math.exp2(delta[None, :] * A) * h + (delta * u.to(tl.float32))[None, :] * B.to(tl.float32)[:, None]
             tl.store(scratch_ptr + k * (N // SPLIT) * BLOCK_D, h)
         # walk it backwards: adjoint_s = C_s dy_s + exp(delta_{s+1} A) adjoint_{s+1}
+        frame_next, valid_next = _frame(first + BLOCK_T - 1, length, reverse)
+        loads_next = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr, BLOCK_T - 1,
+                                 frame_next, valid_next, dims, channels, channel_mask, states, s_ut, s_uc, s_dt,
+                                 s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt, s_gc, N // SPLIT, BLOCK_D, HAS_Z)
         for k_back in range(0, BLOCK_T):
             k = BLOCK_T - 1 - k_back
-            frame, valid = _frame(first + k, length, reverse)
+            frame, valid = frame_next, valid_next
+            frame_next, valid_next = _frame(first + k - 1, length, reverse)
+            valid_next = valid_next & (k > 0)  # the chunk's first frame is followed by the previous chunk
+            if PREFETCH:
+                u, delta_raw, B, C, grad_y, z, h = loads_next
+                loads_next = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr,
+                                         tl.maximum(k - 1, 0), frame_next, valid_next, dims, channels, channel_mask,
+                                         states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt,
+                                         s_gc, N // SPLIT, BLOCK_D, HAS_Z)
+            else:
+                u, delta_raw, B, C, grad_y, z, h = _walk_loads(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr, k, frame, valid, dims,
+                    channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt,
+                    s_gc, N // SPLIT, BLOCK_D, HAS_Z)
+            u, B, C, grad_y = u.to(tl.float32), B.to(tl.float32), C.to(tl.float32), grad_y.to(tl.float32) * scale
             mask = channel_mask & valid
-            u, delta_raw, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
-                                            states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
-            u, B, C = u.to(tl.float32), B.to(tl.float32), C.to(tl.float32)
-            h = tl.load(scratch_ptr + k * (N // SPLIT) * BLOCK_D)
             delta, delta_raw = _step_size(delta_raw, bias, valid, SOFTPLUS)
-            grad_y = tl.load(grad_out_ptr + frame * s_gt + dims * s_gc, mask=mask, other=0.0).to(tl.float32) * scale
             if HAS_Z:
-                z = tl.load(z_ptr + frame * s_zt + dims * s_zc, mask=mask, other=0.0).to(tl.float32)
+                z = z.to(tl.float32)
                 sig = tl.sigmoid(z)
                 y = tl.sum(h * C[:, None], 0) + D * u
                 grad_z = grad_y * y * sig * (1.0 + z * (1.0 - sig))
@@ -300,6 +340,20 @@ def scan_backward_kernel(
     tl.store(grad_bias_ptr + part * tl.num_programs(1) * total_channels + per_batch + channels, grad_bias,
              mask=channel_mask)
     tl.store(grad_h0_ptr + per_batch * N + state_offsets, adjoint, mask=state_mask)
+
+
+def _backward_prefetches(device, programs):
+    """Whether the backward issues each frame's loads a frame ahead. That pays when its programs fit in
+    one wave of the GPU, each waiting on its own loads (CTC-large 60 s: 3.61 -> 3.11 ms forward +
+    backward), and loses when they do not, to the occupancy its extra registers cost (12 s: 2.04 ->
+    2.13 ms); measured on an H200, RESULTS.md. The interpreter counts as one multiprocessor."""
+    multiprocessors = _multiprocessors(device.index) if device.type == "cuda" else 1
+    return programs <= BACKWARD_PREFETCH_PROGRAMS * multiprocessors
+
+
+@functools.cache
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _strides(tensor, count):
@@ -383,6 +437,7 @@ def _scan_backward(
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
         HAS_GRAD_LAST=grad_last is not None, BLOCK_D=block_d, num_warps=BACKWARD["num_warps"], SPLIT=split,
+        PREFETCH=_backward_prefetches(u.device, blocks * split * batch * directions),
     )
     empty = u.new_empty(0)
     return (

@@ -144,6 +144,9 @@ def test_garbage_in_padded_frames_changes_nothing():
     torch.testing.assert_close(last_dirty, last_clean, rtol=0, atol=0)
     for name in grads_clean:
         torch.testing.assert_close(grads_dirty[name], grads_clean[name], rtol=1e-6, atol=1e-6)
+    # padded frames receive exactly zero gradient (the kernel writes them: they are not pre-zeroed)
+    for name in ("u", "delta", "z", "B", "C"):
+        assert grads_dirty[name][1, 12:].eq(0).all(), name
 
 
 def test_an_utterance_scans_the_same_alone_and_in_a_batch():

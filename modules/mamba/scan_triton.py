@@ -203,9 +203,8 @@ def scan_forward_kernel(
 def scan_backward_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, lengths_ptr, checkpoint_ptr, scratch_ptr,
     grad_out_ptr, grad_last_ptr,
-    grad_u_ptr, grad_delta_ptr, grad_B_ptr, grad_C_ptr, grad_z_ptr, grad_A_ptr, grad_D_ptr, grad_bias_ptr,
-    grad_h0_ptr,
-    DIM,
+    grad_u_ptr, grad_delta_ptr, grad_B_ptr, grad_C_ptr, grad_z_ptr, grad_parameters_ptr, grad_h0_ptr,
+    TIME, DIM,
     s_ub, s_ut, s_uc, s_db, s_dt, s_dc, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, s_zb, s_zt, s_zc,
     s_kb, s_kk, s_kn, s_gb, s_gt, s_gc,
     s_gub, s_gut, s_guc, s_gBk, s_gBb, s_gBt, s_gBg, s_gBn, s_gzb, s_gzt, s_gzc,
@@ -334,12 +333,17 @@ def scan_backward_kernel(
                 tl.store(grad_delta_ptr + offsets, grad_delta.to(grad_delta_ptr.dtype.element_ty), mask=mask)
             adjoint = tl.math.exp2(delta[None, :] * A) * adjoint
 
-    per_batch = batch * total_channels
-    tl.store(grad_A_ptr + per_batch * N + state_offsets, grad_A, mask=state_mask)
-    tl.store(grad_D_ptr + per_batch + channels, grad_D, mask=channel_mask & (part == 0))
-    tl.store(grad_bias_ptr + part * tl.num_programs(1) * total_channels + per_batch + channels, grad_bias,
-             mask=channel_mask)
-    tl.store(grad_h0_ptr + per_batch * N + state_offsets, adjoint, mask=state_mask)
+    if SPLIT == 1:  # padded frames get zero gradients (with SPLIT > 1 the caller zeroes the sums)
+        for frame in range(length, TIME):
+            tl.store(grad_u_ptr + frame * s_gut + channels * s_guc, tl.zeros([BLOCK_D], tl.float32), mask=channel_mask)
+            tl.store(grad_delta_ptr + frame * s_gut + channels * s_guc, tl.zeros([BLOCK_D], tl.float32),
+                     mask=channel_mask)
+    # this utterance's (and state part's) share of the gradients of A, D and the bias: (N + 2, channels)
+    grad_parameters_ptr += (part * tl.num_programs(1) + batch) * (N + 2) * total_channels
+    tl.store(grad_parameters_ptr + state_offsets, grad_A, mask=state_mask)
+    tl.store(grad_parameters_ptr + N * total_channels + channels, tl.where(part == 0, grad_D, 0.0), mask=channel_mask)
+    tl.store(grad_parameters_ptr + (N + 1) * total_channels + channels, grad_bias, mask=channel_mask)
+    tl.store(grad_h0_ptr + batch * total_channels * N + state_offsets, adjoint, mask=state_mask)
 
 
 def _backward_prefetches(device, programs):
@@ -405,32 +409,38 @@ def _scan_backward(
     grad_out: Tensor, grad_last: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], delta_bias: Optional[Tensor], z: Optional[Tensor], lengths: Tensor, checkpoints: Tensor,
     directions: int, scale: float, delta_softplus: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward kernel: gradients of u, delta, A, B, C, D, delta_bias, z and the initial state (the
-    optional ones as empty tensors when their input is None)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward kernel: gradients of u, delta, B, C, z (empty without a gate) and the initial state, and
+    those of A (transposed), D and delta_bias stacked in one (state + 2, channels) tensor (a custom op's
+    outputs may not be views of one another: :func:`_backward_through` splits it)."""
     batch, time, channels = u.shape
     dim, state = channels // directions, A.shape[1]
     bidirectional = directions == 2
     block_d, split = BACKWARD["BLOCK_D"], min(BACKWARD["SPLIT"], state)
     blocks = triton.cdiv(dim, block_d)
-    grad_u = torch.zeros(batch, time, channels, device=u.device, dtype=torch.float32 if split > 1 else u.dtype)
-    grad_delta = torch.zeros(batch, time, channels, device=u.device, dtype=torch.float32 if split > 1 else delta.dtype)
+    if split > 1:  # the state parts add into them
+        grad_u = torch.zeros(batch, time, channels, device=u.device, dtype=torch.float32)
+        grad_delta = torch.zeros_like(grad_u)
+    else:  # the kernel writes every frame, padded ones included
+        grad_u = u.new_empty(batch, time, channels)
+        grad_delta = delta.new_empty(batch, time, channels)
     grad_B = torch.zeros(blocks, batch, time, B.shape[2], state, device=u.device, dtype=torch.float32)
     grad_C = torch.zeros_like(grad_B)
     grad_z = None
     if z is not None:
         atomic = bidirectional or split > 1
         grad_z = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if atomic else z.dtype)
-    grad_A = u.new_empty(batch, state, channels, dtype=torch.float32)
-    grad_D = u.new_empty(batch, channels, dtype=torch.float32)
-    grad_bias = u.new_empty(split, batch, channels, dtype=torch.float32)  # one partial sum per part
-    grad_h0 = torch.empty_like(grad_A)
+    # per state part and utterance: the gradients of A (transposed), D and the bias, summed below; a part
+    # writes only its own states of A
+    grad_parameters = (torch.zeros if split > 1 else torch.empty)(
+        split, batch, state + 2, channels, device=u.device, dtype=torch.float32)
+    grad_h0 = u.new_empty(batch, state, channels, dtype=torch.float32)
     scratch = u.new_empty(blocks * split * batch * directions, BLOCK_T, state // split, block_d, dtype=torch.float32)
     scan_backward_kernel[(blocks * split, batch, directions)](
         u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
         grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None,
-        grad_u, grad_delta, grad_B, grad_C, grad_z, grad_A, grad_D, grad_bias, grad_h0,
-        dim,
+        grad_u, grad_delta, grad_B, grad_C, grad_z, grad_parameters, grad_h0,
+        time, dim,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *checkpoints.stride()[:3],
         *grad_out.stride(),
         *grad_u.stride(), *grad_B.stride(), *_strides(grad_z, 3),
@@ -439,17 +449,14 @@ def _scan_backward(
         HAS_GRAD_LAST=grad_last is not None, BLOCK_D=block_d, num_warps=BACKWARD["num_warps"], SPLIT=split,
         PREFETCH=_backward_prefetches(u.device, blocks * split * batch * directions),
     )
-    empty = u.new_empty(0)
     return (
         grad_u.to(u.dtype),
         grad_delta.to(delta.dtype),
-        grad_A.sum(0).t().contiguous(),
         grad_B.sum(0).to(B.dtype),
         grad_C.sum(0).to(C.dtype),
-        grad_D.sum(0) if D is not None else empty,
-        grad_bias.sum((0, 1)) if delta_bias is not None else empty,
-        grad_z.to(z.dtype) if z is not None else empty,
+        grad_z.to(z.dtype) if z is not None else u.new_empty(0),
         grad_h0.transpose(1, 2),
+        grad_parameters.sum((0, 1)),
     )
 
 
@@ -459,18 +466,15 @@ directional_scan_bwd = torch.library.custom_op("mamba_asr::directional_scan_bwd"
 @directional_scan_bwd.register_fake
 def _(grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints, directions, scale,
       delta_softplus):
-    empty = u.new_empty(0)
     batch, channels, state = u.shape[0], u.shape[2], A.shape[1]
     return (  # the real gradients are fresh contiguous tensors, whatever the inputs' strides
         u.new_empty(u.shape),
         delta.new_empty(delta.shape),
-        A.new_empty(A.shape),
         B.new_empty(B.shape),
         C.new_empty(C.shape),
-        D.new_empty(D.shape) if D is not None else empty,
-        delta_bias.new_empty(delta_bias.shape) if delta_bias is not None else empty,
-        z.new_empty(z.shape) if z is not None else empty,
+        z.new_empty(z.shape) if z is not None else u.new_empty(0),
         u.new_empty(batch, state, channels, dtype=torch.float32).transpose(1, 2),
+        A.new_empty(state + 2, channels),
     )
 
 
@@ -494,11 +498,13 @@ def _backward_through(scan_backward):
             grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints,
             ctx.directions, ctx.scale, ctx.delta_softplus,
         )
-        grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_bias, grad_z, grad_h0 = grads
+        grad_u, grad_delta, grad_B, grad_C, grad_z, grad_h0, grad_parameters = grads
+        grad_A_transposed, grad_D, grad_bias = grad_parameters.split([A.shape[1], 1, 1])
         has_D, has_bias, has_z, has_h0 = ctx.optional
         return (
-            grad_u, grad_delta, grad_A, grad_B, grad_C,
-            grad_D if has_D else None, grad_bias if has_bias else None, grad_z if has_z else None,
+            grad_u, grad_delta, grad_A_transposed.t(), grad_B, grad_C,
+            grad_D.squeeze(0) if has_D else None, grad_bias.squeeze(0) if has_bias else None,
+            grad_z if has_z else None,
             None, grad_h0 if has_h0 else None, None, None, None,
         )
 

@@ -18,6 +18,15 @@ pytest.register_assert_rewrite("recipe_runs")
 import reliability_report  # noqa: E402  (tests/ is on sys.path once pytest imports this conftest)
 
 
+@pytest.fixture
+def no_tf32():
+    """SpeechBrain turns TF32 on at import (speechbrain.utils.quirks): plain float32 here."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def pytest_addoption(parser):
     parser.addoption(
         reliability_report.WRITE_OPTION,

@@ -1,5 +1,6 @@
-"""Our Triton depthwise convolution + SiLU of the Mamba-1 mixers against a float64 F.conv1d reference:
-outputs and every gradient, both directions, ragged lengths, strided bf16 inputs, and the mixer using it.
+"""Our Triton depthwise convolutions against a float64 F.conv1d reference, outputs and every gradient:
+the Mamba-1 mixers' convolution + SiLU (both directions, ragged lengths, strided bf16 inputs, and the
+mixer using it) and the convolution module's plain centred or causal one.
 
 On a CPU-only machine the kernels run under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1); on a GPU they run compiled, at the same tiny shapes plus a real one.
@@ -12,11 +13,13 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # PyTorch's Linux wheels bring it; elsewhere the kernels cannot run
 
 from modules.mamba.conv_triton import (  # noqa: E402
+    depthwise_conv,
+    depthwise_conv_bwd,
+    depthwise_conv_fwd,
     directional_conv_silu,
-    directional_conv_silu_bwd,
-    directional_conv_silu_fwd,
 )
 from modules.mamba.mamba import Mamba  # noqa: E402
+from modules.models.conmamba import ConvolutionModule  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,19 +48,23 @@ def conv_inputs(batch, time, dim, directions, dtype, seed=0, width=4):
             bias.to(DEVICE).requires_grad_())
 
 
+def assert_matches(out, expected, inputs, tolerance):
+    """Output and the gradients of ``inputs`` (x, weight, bias) against the float64 reference's."""
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    grads = torch.autograd.grad((out.double() * grad).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * grad).sum(), inputs)
+    for name, got, want in zip(("x", "weight", "bias"), grads, expected_grads):
+        scale = want.abs().max().item() + 1e-12
+        assert (got.double() - want).abs().max().item() <= tolerance * scale, name
+
+
 def check(batch, time, dim, directions, lengths, dtype, tolerance):
     x, weight, bias = conv_inputs(batch, time, dim, directions, dtype)
     lengths = torch.tensor(lengths, device=DEVICE, dtype=torch.int32)
     out = directional_conv_silu(x, weight, bias, lengths, directions)
-    expected = reference(x, weight, bias, lengths, directions)
     assert out.dtype == dtype and out.shape == (batch, time, directions * dim)
-    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
-    grads = torch.autograd.grad((out.double() * grad).sum(), (x, weight, bias))
-    expected_grads = torch.autograd.grad((expected * grad).sum(), (x, weight, bias))
-    for name, got, want in zip(("x", "weight", "bias"), grads, expected_grads):
-        scale = want.abs().max().item() + 1e-12
-        assert (got.double() - want).abs().max().item() <= tolerance * scale, name
+    assert_matches(out, reference(x, weight, bias, lengths, directions), (x, weight, bias), tolerance)
 
 
 @pytest.mark.parametrize("directions", [1, 2])
@@ -83,12 +90,36 @@ def test_garbage_in_padded_frames_changes_nothing():
     assert not grad[1, 11:].any()  # padded frames receive no gradient
 
 
+def check_plain(batch, time, dim, width, left, lengths, dtype, tolerance):
+    """:func:`depthwise_conv` against F.conv1d over the input zeroed past each row's length."""
+    x, weight, bias = conv_inputs(batch, time, dim, 1, dtype, width=width)
+    lengths = torch.tensor(lengths, device=DEVICE, dtype=torch.int32)
+    out = depthwise_conv(x, weight, bias, lengths, left)
+    masked = x.double() * (torch.arange(time, device=DEVICE) < lengths[:, None])[..., None]
+    padded = F.pad(masked.transpose(1, 2), (left, width - 1 - left))
+    expected = F.conv1d(padded, weight.double().unsqueeze(1), bias.double(), groups=dim).transpose(1, 2)
+    assert out.dtype == dtype and out.shape == (batch, time, dim)
+    assert_matches(out, expected, (x, weight, bias), tolerance)
+
+
+@pytest.mark.parametrize("width,left", [(31, 15), (7, 3), (7, 6), (4, 0)], ids=["31-centred", "7-centred",
+                                                                              "7-causal", "4-anticausal"])
+def test_the_plain_convolution_matches_the_float64_reference(width, left):
+    # 45 frames: two time tiles, the last one partial; 70 channels: two channel blocks, the last partial
+    check_plain(3, 45, 70, width, left, [45, 1, 20], torch.float32, 1e-5)
+
+
+def test_the_plain_convolution_in_bfloat16_accumulates_in_float32():
+    check_plain(2, 40, 16, 31, 15, [40, 23], torch.bfloat16, 2e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes need the compiled kernels on a GPU")
 def test_real_shapes_on_the_gpu():
     generator = torch.Generator().manual_seed(2)
     lengths = torch.randint(1, 301, (70,), generator=generator)
     lengths[0] = 300
     check(70, 300, 512, 2, lengths.tolist(), torch.bfloat16, 2e-2)
+    check_plain(70, 300, 256, 31, 15, lengths.tolist(), torch.bfloat16, 2e-2)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -112,9 +143,32 @@ def test_the_mixer_on_triton_matches_the_torch_backend(bidirectional):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_convolution_module_on_triton_matches_the_torch_path(causal, no_tf32):
+    """The ConMamba layer's convolution module in the (batch, time, channels) layout with this
+    convolution, against its PyTorch path (masked input, F.conv1d): outputs and all gradients."""
+    torch.manual_seed(0)
+    modules = [ConvolutionModule(16, kernel_size=7, causal=causal, backend=backend).to(DEVICE)
+               for backend in ("torch", "triton")]
+    modules[1].load_state_dict(modules[0].state_dict())
+    x = torch.randn(3, 13, 16, device=DEVICE, requires_grad=True)
+    padding_mask = torch.arange(13, device=DEVICE) >= torch.tensor([13, 4, 9], device=DEVICE)[:, None]
+    outs, grads = [], []
+    for module in modules:
+        out = module(x, padding_mask)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_the_custom_ops_agree_with_their_shape_functions():
     x, weight, bias = (t.detach() for t in conv_inputs(2, 9, 8, 2, torch.float32))
     lengths = torch.tensor([9, 4], device=DEVICE, dtype=torch.int32)
-    torch.library.opcheck(directional_conv_silu_fwd, (x, weight, bias, lengths, 2))
+    torch.library.opcheck(depthwise_conv_fwd, (x, weight, bias, lengths, 2, 3, True))
     grad_out = torch.randn(2, 9, 16, device=DEVICE)
-    torch.library.opcheck(directional_conv_silu_bwd, (grad_out, x, weight, bias, lengths, 2))
+    torch.library.opcheck(depthwise_conv_bwd, (grad_out, x, weight, bias, lengths, 2, 3, True))
+    plain_weight = weight[:8].clone()
+    torch.library.opcheck(depthwise_conv_fwd, (x, plain_weight, bias[:8], lengths, 1, 1, False))
+    torch.library.opcheck(depthwise_conv_bwd, (grad_out[..., :8], x, plain_weight, bias[:8], lengths, 1, 1, False))

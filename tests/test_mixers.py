@@ -40,15 +40,6 @@ def random_lengths_batch(batch=4, time=23, d_model=32, seed=0, dtype=torch.float
     return torch.randn(batch, time, d_model, generator=g, dtype=dtype), lengths
 
 
-@pytest.fixture
-def no_tf32():
-    """SpeechBrain turns TF32 on at import (speechbrain.utils.quirks): plain float32 here."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp32_mixer_matches_float64_reference_on_each_utterance(bidirectional, device, no_tf32):

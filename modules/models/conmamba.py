@@ -19,8 +19,17 @@ from speechbrain.nnet.normalization import LayerNorm
 
 from modules.mamba.mamba import Mamba
 from modules.mamba.mamba2 import Mamba2
+from modules.mamba.scan import pick_backend
 
 MIXERS = {"mamba": Mamba, "mamba2": Mamba2}
+
+
+def frame_counts(x, padding_mask):
+    """Valid frames of each row of x (batch, time, ...) given its padding mask (True at padded frames;
+    None: all valid), int32 as our kernels read them."""
+    if padding_mask is None:
+        return torch.full((x.shape[0],), x.shape[1], device=x.device, dtype=torch.int32)
+    return (~padding_mask).sum(dim=1, dtype=torch.int32)
 
 
 class ConvolutionModule(nn.Module):
@@ -30,10 +39,16 @@ class ConvolutionModule(nn.Module):
     Linear -> Dropout, as in SpeechBrain's Conformer; SpeechBrain 1.1 masks only the output, so
     padding still leaks into the last valid frames through the kernel. ``causal`` pads on the left;
     a causal module can also run chunk by chunk, its left context carried in a cache (streaming).
+
+    Where ``backend`` (the mixer's ``scan_backend``, :func:`modules.mamba.scan.pick_backend`) picks our
+    Triton kernels, the whole module runs in the (batch, time, channels) layout and the depthwise
+    convolution is :func:`modules.mamba.conv_triton.depthwise_conv`: no transposes, no padding or
+    masking operations, and less GPU time than PyTorch's bf16 depthwise kernels (RESULTS.md).
     """
 
-    def __init__(self, d_model, kernel_size=31, activation=nn.GELU, dropout=0.0, causal=False):
+    def __init__(self, d_model, kernel_size=31, activation=nn.GELU, dropout=0.0, causal=False, backend="auto"):
         super().__init__()
+        self.backend = backend
         self.left_padding = kernel_size - 1 if causal else (kernel_size - 1) // 2
         self.right_padding = kernel_size - 1 - self.left_padding
         self.layer_norm = nn.LayerNorm(d_model)
@@ -43,12 +58,16 @@ class ConvolutionModule(nn.Module):
             nn.LayerNorm(d_model), activation(), nn.Linear(d_model, d_model), nn.Dropout(dropout)
         )
 
-    def forward(self, x, padding_mask=None, cache=None):
-        """x (batch, time, d_model); padding_mask (batch, time) True at padded frames.
+    def forward(self, x, padding_mask=None, cache=None, lengths=None):
+        """x (batch, time, d_model); padding_mask (batch, time) True at padded frames; or ``lengths``
+        (batch,), int32, valid frames (the Triton path reads them; without, they come from the mask).
 
         ``cache`` (from :meth:`allocate_cache`) holds the depthwise convolution's inputs
         of the frames before ``x``; it replaces the left padding and is updated in place.
         """
+        on_triton = pick_backend(self.backend, x.is_cuda, mamba_ssm_built=True, has_initial_state=False) == "triton"
+        if on_triton and cache is None:
+            return self._forward_triton(x, padding_mask, lengths)
         out = nn.functional.glu(self.pointwise(self.layer_norm(x).transpose(1, 2)), dim=1)
         if padding_mask is not None:
             out = out.masked_fill(padding_mask.unsqueeze(1), 0.0)
@@ -58,6 +77,18 @@ class ConvolutionModule(nn.Module):
             out = torch.cat([cache, out], dim=2)
             cache.copy_(out[:, :, out.shape[2] - cache.shape[2] :])
         return self.after_conv(self.depthwise(out).transpose(1, 2))
+
+    def _forward_triton(self, x, padding_mask, lengths):
+        """:meth:`forward` in the (batch, time, channels) layout with our Triton depthwise convolution."""
+        from modules.mamba.conv_triton import depthwise_conv  # imports Triton only where it runs
+
+        if lengths is None:
+            lengths = frame_counts(x, padding_mask)
+        pointwise = nn.functional.linear(self.layer_norm(x), self.pointwise.weight.squeeze(-1), self.pointwise.bias)
+        out = nn.functional.glu(pointwise, dim=-1)
+        depthwise = self.depthwise
+        return self.after_conv(depthwise_conv(out, depthwise.weight.squeeze(1), depthwise.bias, lengths,
+                                              self.left_padding))
 
     def allocate_cache(self, batch_size, dtype=None, device=None):
         """Zero left context (batch, d_model, kernel_size - 1) for chunk-wise inference (causal only)."""
@@ -95,7 +126,8 @@ class ConMambaEncoderLayer(nn.Module):
         config["bidirectional"] = config.get("bidirectional", True) and not causal
         self.mixer_norm = LayerNorm(d_model)
         self.mixer = mixer_class(d_model, **config)
-        self.convolution_module = ConvolutionModule(d_model, kernel_size, activation, dropout, causal)
+        self.convolution_module = ConvolutionModule(d_model, kernel_size, activation, dropout, causal,
+                                                    backend=config.get("scan_backend", "auto"))
         self.ffn_module1, self.ffn_module2 = [
             nn.Sequential(
                 LayerNorm(d_model),
@@ -115,7 +147,7 @@ class ConMambaEncoderLayer(nn.Module):
         mixer_cache, convolution_cache = (None, None) if cache is None else cache
         x = torch.add(x, self.ffn_module1(x), alpha=0.5)  # x + 0.5 * FFN(x), one operation
         x = x + self.mixer(self.mixer_norm(x), lengths, cache=mixer_cache)
-        x = x + self.convolution_module(x, padding_mask, cache=convolution_cache)
+        x = x + self.convolution_module(x, padding_mask, cache=convolution_cache, lengths=lengths)
         return self.norm(torch.add(x, self.ffn_module2(x), alpha=0.5))
 
     def allocate_cache(self, batch_size, dtype=None, device=None):
@@ -179,12 +211,7 @@ class ConMambaEncoder(nn.Module):
         """
         if dynchunktrain_config is not None:
             raise NotImplementedError("ConMamba has no dynamic-chunk training; use causal=True for streaming.")
-        batch, time, _ = src.shape
-        # int32, as the scan kernels read them: converted once here rather than in every layer
-        if src_key_padding_mask is None:
-            lengths = torch.full((batch,), time, device=src.device, dtype=torch.int32)
-        else:
-            lengths = (~src_key_padding_mask).sum(dim=1, dtype=torch.int32)
+        lengths = frame_counts(src, src_key_padding_mask)  # computed once here rather than in every layer
         output = src
         for index, layer in enumerate(self.layers):
             output = layer(output, lengths, src_key_padding_mask, None if cache is None else cache[index])

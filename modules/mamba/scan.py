@@ -19,7 +19,8 @@ Back-ends, picked by ``backend`` (a mixer's ``scan_backend``, settable from the 
 * ``"auto"`` (default): ``"triton"`` on CUDA tensors, ``"torch"`` elsewhere;
 * ``"triton"``: our kernels (:mod:`.scan_triton`), both directions in one launch, everything fused;
   Triton comes with PyTorch's CUDA wheels, so a GPU needs nothing compiled. The Mamba-1 mixers then
-  run their depthwise convolution on Triton too (:mod:`.conv_triton`);
+  run their depthwise convolution on Triton too (:mod:`.conv_triton`), and so does the ConMamba
+  layer's convolution module;
 * ``"mamba_ssm"``: the CUDA kernel of the ``mamba_ssm`` package (:mod:`.scan_cuda`), only when asked
   for (to benchmark the two side by side: RESULTS.md); it takes no initial state, so such scans
   (streaming, decoding caches) run on ``"triton"``;

@@ -44,7 +44,7 @@ BLOCK_T = 16
 # splitting the states in two gains 2-5 % in the forward and loses in the backward (atomics).
 FORWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=2)
 BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
-# Backward programs a multiprocessor keeps resident with prefetching (232 registers a thread on sm_90:
+# Backward programs a multiprocessor keeps resident with prefetching (242 registers a thread on sm_90:
 # `bench/scan_registers.py`); up to that many per multiprocessor, the backward prefetches.
 BACKWARD_PREFETCH_PROGRAMS = 8
 LOG2_E = tl.constexpr(1.4426950408889634)

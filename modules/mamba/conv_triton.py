@@ -12,10 +12,11 @@ what ``F.conv1d`` computes on the transposed, padded and masked input, in one ke
 ten operations and their gradients.
 
 The backward pass recomputes the pre-activations from x (W loads a tile), so nothing but x is kept. It
-runs as two kernels: one walks each row's channel block through time, storing the gradient of the
-pre-activations (with SiLU; without, that is the output's gradient) and summing the taps' and bias's
-gradients in registers (one atomic add a program);
-the other gathers each input frame's gradient from the W outputs it feeds, in both directions.
+runs as two kernels: one walks each row's channel block through time (a wide convolution's, one tile
+of frames a program), storing the gradient of the pre-activations (with SiLU; without, that is the
+output's gradient) and summing the taps' and bias's gradients in registers (one atomic add a
+program); the other gathers each input frame's gradient from the W outputs it feeds, in both
+directions.
 With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how CI tests them.
 
 The passes are registered as custom ops, which ``torch.compile`` traces; eager calls run the same

@@ -258,8 +258,9 @@ def scan_backward_kernel(
         # recompute the chunk's states from its checkpoint
         h = tl.load(checkpoint_ptr + (first // BLOCK_T) * s_kk, mask=state_mask, other=0.0)
         frame_next, valid_next = _frame(first, length, reverse)
-        loads_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame_next, valid_next, channels, channel_mask,
-                                states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+        if PREFETCH:
+            loads_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame_next, valid_next, channels, channel_mask,
+                                    states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
         for k in range(0, BLOCK_T):
             frame, valid = frame_next, valid_next
             frame_next, valid_next = _frame(first + k + 1, length, reverse)
@@ -275,9 +276,10 @@ def scan_backward_kernel(
             tl.store(scratch_ptr + k * (N // SPLIT) * BLOCK_D, h)
         # walk it backwards: adjoint_s = C_s dy_s + exp(delta_{s+1} A) adjoint_{s+1}
         frame_next, valid_next = _frame(first + BLOCK_T - 1, length, reverse)
-        loads_next = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr, BLOCK_T - 1,
-                                 frame_next, valid_next, dims, channels, channel_mask, states, s_ut, s_uc, s_dt,
-                                 s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt, s_gc, N // SPLIT, BLOCK_D, HAS_Z)
+        if PREFETCH:
+            loads_next = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr, BLOCK_T - 1,
+                                     frame_next, valid_next, dims, channels, channel_mask, states, s_ut, s_uc, s_dt,
+                                     s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt, s_gc, N // SPLIT, BLOCK_D, HAS_Z)
         for k_back in range(0, BLOCK_T):
             k = BLOCK_T - 1 - k_back
             frame, valid = frame_next, valid_next

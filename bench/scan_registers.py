@@ -69,8 +69,7 @@ def compile_report(kernel, constants, num_warps):
 
 
 def reports():
-    """{pass: (registers, spill bytes, opcode counts)} at the module's block sizes; the backward with and
-    without its prefetching."""
+    """{pass: (registers, spill bytes, opcode counts)} at the module's block sizes."""
     common = dict(N=16, BLOCK_T=scan_triton.BLOCK_T, BIDIRECTIONAL=True, HAS_D=True, HAS_BIAS=True,
                   SOFTPLUS=True, HAS_Z=True)
     forward, backward = scan_triton.FORWARD, scan_triton.BACKWARD
@@ -79,14 +78,10 @@ def reports():
             scan_triton.scan_forward_kernel,
             dict(common, h0_ptr=None, HAS_H0=False, ATOMIC_OUT=True, BLOCK_D=forward["BLOCK_D"], SPLIT=forward["SPLIT"]),
             forward["num_warps"]),
-        **{
-            name: compile_report(
-                scan_triton.scan_backward_kernel,
-                dict(common, grad_last_ptr=None, HAS_GRAD_LAST=False, BLOCK_D=backward["BLOCK_D"],
-                     SPLIT=backward["SPLIT"], PREFETCH=prefetch),
-                backward["num_warps"])
-            for name, prefetch in (("backward", False), ("backward, prefetching", True))
-        },
+        "backward": compile_report(
+            scan_triton.scan_backward_kernel,
+            dict(common, grad_last_ptr=None, HAS_GRAD_LAST=False, BLOCK_D=backward["BLOCK_D"], SPLIT=backward["SPLIT"]),
+            backward["num_warps"]),
     }
 
 

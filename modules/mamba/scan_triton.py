@@ -12,10 +12,11 @@ lanes run along the channels and each thread keeps all N states of its channel i
 so the sums over states (``<C_t, h_t>`` and the backward's sums) never leave a thread and every load
 of u, delta, z is a coalesced row of consecutive channels. The forward pass keeps the state every
 ``BLOCK_T`` frames. The backward pass walks those chunks in reverse: it recomputes a chunk's states
-from its checkpoint into a small per-program scratch buffer, then runs the adjoint
-recurrence ``g_s = C_s dy_s + exp(delta_{s+1} A) g_{s+1}`` frame by frame backwards. Gradients shared
-across channels (B, C) are summed over the block's lanes and written per channel block, those shared
-across the batch (A, D, delta bias) per utterance, and the caller sums them.
+from its checkpoint, keeping every other one in a small per-program scratch buffer, then runs the
+adjoint recurrence ``g_s = C_s dy_s + exp(delta_{s+1} A) g_{s+1}`` frame by frame backwards, a pair of
+frames a stored state (the odd frame's state is one step on from it). Each frame's loads are issued a
+frame ahead. Gradients shared across channels (B, C) are summed over the block's lanes and written per
+channel block, those shared across the batch (A, D, delta bias) per utterance, and the caller sums them.
 
 Padded steps have step size 0, an identity step (decay 1, no input): outputs and gradients there are
 0 and each row's last state is the state after its own last frame. With ``TRITON_INTERPRET=1`` the
@@ -25,7 +26,6 @@ The passes are registered as custom ops, which ``torch.compile`` traces; eager c
 functions through an autograd Function instead, without the ops' dispatch (:mod:`.eager_autograd`).
 """
 
-import functools
 from typing import Optional
 
 import torch
@@ -44,9 +44,6 @@ BLOCK_T = 16
 # splitting the states in two gains 2-5 % in the forward and loses in the backward (atomics).
 FORWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=2)
 BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
-# Backward programs a multiprocessor keeps resident with prefetching (242 registers a thread on sm_90:
-# `bench/scan_registers.py`); up to that many per multiprocessor, the backward prefetches.
-BACKWARD_PREFETCH_PROGRAMS = 8
 LOG2_E = tl.constexpr(1.4426950408889634)
 LN_2 = tl.constexpr(0.6931471805599453)
 
@@ -107,17 +104,14 @@ def _load_gate(z_ptr, frame, valid, dims, channel_mask, s_zt, s_zc, HAS_Z: tl.co
 
 
 @triton.jit
-def _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr, k, frame, valid, dims, channels,
-                channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt, s_gc,
-                STATES: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Z: tl.constexpr):
-    """What the backward's walk reads at one frame: u, raw delta, B, C, the output's gradient, z as
-    stored, and the recomputed state of the chunk's k-th frame (STATES, BLOCK_D)."""
+def _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, frame, valid, dims, channels, channel_mask,
+                states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt, s_gc, HAS_Z: tl.constexpr):
+    """What the backward's walk reads at one frame: u, raw delta, B, C, the output's gradient and z, as stored."""
     u, delta, B, C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask, states,
                                 s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
     grad_y = tl.load(grad_out_ptr + frame * s_gt + dims * s_gc, mask=channel_mask & valid, other=0.0)
     z = _load_gate(z_ptr, frame, valid, dims, channel_mask, s_zt, s_zc, HAS_Z)
-    h = tl.load(scratch_ptr + k * STATES * BLOCK_D)
-    return u, delta, B, C, grad_y, z, h
+    return u, delta, B, C, grad_y, z
 
 
 @triton.jit
@@ -128,6 +122,61 @@ def _step_size(delta_raw, bias, valid, SOFTPLUS: tl.constexpr):
     if SOFTPLUS:
         delta = _softplus(delta_raw)
     return tl.where(valid, delta, 0.0), delta_raw
+
+
+@triton.jit
+def _walk_frame(h_even, ODD: tl.constexpr, loaded, frame, valid, gradients, A, D, bias, scale, dims, channels,
+                channel_mask, states, grad_u_ptr, grad_delta_ptr, grad_B_ptr, grad_C_ptr, grad_z_ptr,
+                s_gut, s_guc, s_gBt, s_gBn, s_gzt, s_gzc, BIDIRECTIONAL: tl.constexpr, HAS_D: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, SPLIT: tl.constexpr):
+    """One frame of the backward's walk: writes the gradients of u, delta, B, C and z at ``frame`` and
+    returns the sums it carries to the frame before (adjoint, grad_A, grad_D, grad_bias). The walk keeps
+    the state after each even frame of a chunk, ``h_even``: an odd frame's state is one step on from it."""
+    u, delta_raw, B, C, grad_y, z = loaded
+    adjoint, grad_A, grad_D, grad_bias = gradients
+    u, B, C, grad_y = u.to(tl.float32), B.to(tl.float32), C.to(tl.float32), grad_y.to(tl.float32) * scale
+    mask = channel_mask & valid
+    delta, delta_raw = _step_size(delta_raw, bias, valid, SOFTPLUS)
+    if ODD:
+        previous = tl.math.exp2(delta[None, :] * A) * h_even  # exp(delta A) h_{s-1}
+        h = previous + (delta * u)[None, :] * B[:, None]
+    else:
+        h = h_even
+        previous = h - (delta * u)[None, :] * B[:, None]
+    if HAS_Z:
+        z = z.to(tl.float32)
+        sig = tl.sigmoid(z)
+        y = tl.sum(h * C[:, None], 0) + D * u
+        grad_z = grad_y * y * sig * (1.0 + z * (1.0 - sig))
+        grad_z_offsets = grad_z_ptr + frame * s_gzt + dims * s_gzc
+        if BIDIRECTIONAL or SPLIT > 1:
+            tl.atomic_add(grad_z_offsets, grad_z, mask=mask, sem="relaxed")
+        else:
+            tl.store(grad_z_offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
+        grad_y = grad_y * z * sig
+    adjoint += C[:, None] * grad_y[None, :]
+    tl.store(grad_C_ptr + frame * s_gBt + states * s_gBn, tl.sum(h * grad_y[None, :], 1), mask=valid)
+    tl.store(grad_B_ptr + frame * s_gBt + states * s_gBn, tl.sum(adjoint * (delta * u)[None, :], 1), mask=valid)
+    grad_log_decay = adjoint * previous
+    grad_A += grad_log_decay * delta[None, :]
+    grad_delta_u = tl.sum(adjoint * B[:, None], 0)
+    grad_delta = tl.sum(grad_log_decay * A, 0) * LN_2 + grad_delta_u * u
+    grad_u = grad_delta_u * delta + grad_y * D
+    if HAS_D:
+        grad_D += grad_y * u
+    if SOFTPLUS:
+        grad_delta = grad_delta * tl.sigmoid(delta_raw)
+    grad_delta = tl.where(valid, grad_delta, 0.0)
+    grad_bias += grad_delta
+    offsets = frame * s_gut + channels * s_guc
+    if SPLIT > 1:  # sums over the states: each part adds its own
+        tl.atomic_add(grad_u_ptr + offsets, grad_u, mask=mask, sem="relaxed")
+        tl.atomic_add(grad_delta_ptr + offsets, grad_delta, mask=mask, sem="relaxed")
+    else:
+        tl.store(grad_u_ptr + offsets, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_delta_ptr + offsets, grad_delta.to(grad_delta_ptr.dtype.element_ty), mask=mask)
+    adjoint = tl.math.exp2(delta[None, :] * A) * adjoint
+    return adjoint, grad_A, grad_D, grad_bias
 
 
 @triton.jit
@@ -211,7 +260,7 @@ def scan_backward_kernel(
     scale,
     N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_GRAD_LAST: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_GRAD_LAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # SPLIT programs share a channel block, each scanning N / SPLIT of its states
     block, part = tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT
@@ -241,7 +290,7 @@ def scan_backward_kernel(
     grad_delta_ptr += batch * s_gub
     # this program's states of one chunk, written by the recomputation and read back in reverse
     program = (direction * tl.num_programs(1) + batch) * tl.num_programs(0) + block
-    scratch_ptr += (program * BLOCK_T * (N // SPLIT) * BLOCK_D + tl.arange(0, N // SPLIT)[:, None] * BLOCK_D
+    scratch_ptr += (program * (BLOCK_T // 2) * (N // SPLIT) * BLOCK_D + tl.arange(0, N // SPLIT)[:, None] * BLOCK_D
                     + tl.arange(0, BLOCK_D)[None, :])
     # B and C are shared by the channel blocks: each block writes its own partial sums, added by the caller
     grad_B_ptr += block * s_gBk + batch * s_gBb + direction * s_gBg
@@ -253,87 +302,51 @@ def scan_backward_kernel(
     grad_A = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)
     grad_D = tl.zeros([BLOCK_D], tl.float32)
     grad_bias = tl.zeros([BLOCK_D], tl.float32)
+    gradients = (adjoint, grad_A, grad_D, grad_bias)
+    # each frame's loads are issued a frame ahead, in both loops
     for back in range(0, tl.cdiv(length, BLOCK_T)):
         first = (tl.cdiv(length, BLOCK_T) - 1 - back) * BLOCK_T
-        # recompute the chunk's states from its checkpoint
+        # recompute the chunk's states from its checkpoint, keeping those after its even frames
         h = tl.load(checkpoint_ptr + (first // BLOCK_T) * s_kk, mask=state_mask, other=0.0)
         frame_next, valid_next = _frame(first, length, reverse)
-        if PREFETCH:
+        loads_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame_next, valid_next, channels, channel_mask, states,
+                                s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
+        for k in range(0, BLOCK_T):
+            u, delta_raw, B, _C = loads_next
+            valid = valid_next
+            frame_next, valid_next = _frame(first + k + 1, length, reverse)
             loads_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame_next, valid_next, channels, channel_mask,
                                     states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
-        for k in range(0, BLOCK_T):
-            frame, valid = frame_next, valid_next
-            frame_next, valid_next = _frame(first + k + 1, length, reverse)
-            if PREFETCH:  # this frame's loads were issued a frame ahead
-                u, delta_raw, B, _C = loads_next
-                loads_next = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame_next, valid_next, channels,
-                                        channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
-            else:
-                u, delta_raw, B, _C = _load_step(u_ptr, delta_ptr, B_ptr, C_ptr, frame, valid, channels, channel_mask,
-                                                 states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn)
             delta = _step_size(delta_raw, bias, valid, SOFTPLUS)[0]
             h = tl.math.exp2(delta[None, :] * A) * h + (delta * u.to(tl.float32))[None, :] * B.to(tl.float32)[:, None]
-            tl.store(scratch_ptr + k * (N // SPLIT) * BLOCK_D, h)
-        # walk it backwards: adjoint_s = C_s dy_s + exp(delta_{s+1} A) adjoint_{s+1}
+            if k % 2 == 0:
+                tl.store(scratch_ptr + (k // 2) * (N // SPLIT) * BLOCK_D, h)
+        # walk it backwards, a pair of frames (odd, then even) at a time, from the state after the even one:
+        # adjoint_s = C_s dy_s + exp(delta_{s+1} A) adjoint_{s+1}
         frame_next, valid_next = _frame(first + BLOCK_T - 1, length, reverse)
-        if PREFETCH:
-            loads_next = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr, BLOCK_T - 1,
-                                     frame_next, valid_next, dims, channels, channel_mask, states, s_ut, s_uc, s_dt,
-                                     s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt, s_gc, N // SPLIT, BLOCK_D, HAS_Z)
-        for k_back in range(0, BLOCK_T):
-            k = BLOCK_T - 1 - k_back
-            frame, valid = frame_next, valid_next
-            frame_next, valid_next = _frame(first + k - 1, length, reverse)
-            valid_next = valid_next & (k > 0)  # the chunk's first frame is followed by the previous chunk
-            if PREFETCH:
-                u, delta_raw, B, C, grad_y, z, h = loads_next
-                loads_next = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr,
-                                         tl.maximum(k - 1, 0), frame_next, valid_next, dims, channels, channel_mask,
-                                         states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt,
-                                         s_gc, N // SPLIT, BLOCK_D, HAS_Z)
-            else:
-                u, delta_raw, B, C, grad_y, z, h = _walk_loads(
-                    u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, scratch_ptr, k, frame, valid, dims,
-                    channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt, s_zc, s_gt,
-                    s_gc, N // SPLIT, BLOCK_D, HAS_Z)
-            u, B, C, grad_y = u.to(tl.float32), B.to(tl.float32), C.to(tl.float32), grad_y.to(tl.float32) * scale
-            mask = channel_mask & valid
-            delta, delta_raw = _step_size(delta_raw, bias, valid, SOFTPLUS)
-            if HAS_Z:
-                z = z.to(tl.float32)
-                sig = tl.sigmoid(z)
-                y = tl.sum(h * C[:, None], 0) + D * u
-                grad_z = grad_y * y * sig * (1.0 + z * (1.0 - sig))
-                grad_z_offsets = grad_z_ptr + frame * s_gzt + dims * s_gzc
-                if BIDIRECTIONAL or SPLIT > 1:
-                    tl.atomic_add(grad_z_offsets, grad_z, mask=mask, sem="relaxed")
-                else:
-                    tl.store(grad_z_offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
-                grad_y = grad_y * z * sig
-            adjoint += C[:, None] * grad_y[None, :]
-            tl.store(grad_C_ptr + frame * s_gBt + states * s_gBn, tl.sum(h * grad_y[None, :], 1), mask=valid)
-            tl.store(grad_B_ptr + frame * s_gBt + states * s_gBn, tl.sum(adjoint * (delta * u)[None, :], 1),
-                     mask=valid)
-            previous = h - (delta * u)[None, :] * B[:, None]  # exp(delta A) h_{s-1}
-            grad_log_decay = adjoint * previous
-            grad_A += grad_log_decay * delta[None, :]
-            grad_delta_u = tl.sum(adjoint * B[:, None], 0)
-            grad_delta = tl.sum(grad_log_decay * A, 0) * LN_2 + grad_delta_u * u
-            grad_u = grad_delta_u * delta + grad_y * D
-            if HAS_D:
-                grad_D += grad_y * u
-            if SOFTPLUS:
-                grad_delta = grad_delta * tl.sigmoid(delta_raw)
-            grad_delta = tl.where(valid, grad_delta, 0.0)
-            grad_bias += grad_delta
-            offsets = frame * s_gut + channels * s_guc
-            if SPLIT > 1:  # sums over the states: each part adds its own
-                tl.atomic_add(grad_u_ptr + offsets, grad_u, mask=mask, sem="relaxed")
-                tl.atomic_add(grad_delta_ptr + offsets, grad_delta, mask=mask, sem="relaxed")
-            else:
-                tl.store(grad_u_ptr + offsets, grad_u.to(grad_u_ptr.dtype.element_ty), mask=mask)
-                tl.store(grad_delta_ptr + offsets, grad_delta.to(grad_delta_ptr.dtype.element_ty), mask=mask)
-            adjoint = tl.math.exp2(delta[None, :] * A) * adjoint
+        loads_next = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, frame_next, valid_next, dims,
+                                 channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn, s_Ct, s_Cn, s_zt,
+                                 s_zc, s_gt, s_gc, HAS_Z)
+        h_next = tl.load(scratch_ptr + (BLOCK_T // 2 - 1) * (N // SPLIT) * BLOCK_D)
+        for pair_back in range(0, BLOCK_T // 2):
+            pair = BLOCK_T // 2 - 1 - pair_back
+            for parity in tl.static_range(2):
+                k = 2 * pair + 1 - parity
+                loaded, frame, valid = loads_next, frame_next, valid_next
+                frame_next, valid_next = _frame(first + k - 1, length, reverse)
+                valid_next = valid_next & (k > 0)  # the chunk's first frame is followed by the previous chunk
+                loads_next = _walk_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_out_ptr, frame_next, valid_next,
+                                         dims, channels, channel_mask, states, s_ut, s_uc, s_dt, s_dc, s_Bt, s_Bn,
+                                         s_Ct, s_Cn, s_zt, s_zc, s_gt, s_gc, HAS_Z)
+                if parity == 0:
+                    h_even = h_next
+                else:  # the next pair's state
+                    h_next = tl.load(scratch_ptr + tl.maximum(pair - 1, 0) * (N // SPLIT) * BLOCK_D)
+                gradients = _walk_frame(h_even, parity == 0, loaded, frame, valid, gradients, A, D, bias, scale,
+                                        dims, channels, channel_mask, states, grad_u_ptr, grad_delta_ptr, grad_B_ptr,
+                                        grad_C_ptr, grad_z_ptr, s_gut, s_guc, s_gBt, s_gBn, s_gzt, s_gzc,
+                                        BIDIRECTIONAL, HAS_D, SOFTPLUS, HAS_Z, SPLIT)
+    adjoint, grad_A, grad_D, grad_bias = gradients
 
     if SPLIT == 1:  # padded frames get zero gradients (with SPLIT > 1 the caller zeroes the sums)
         for frame in range(length, TIME):
@@ -346,20 +359,6 @@ def scan_backward_kernel(
     tl.store(grad_parameters_ptr + N * total_channels + channels, tl.where(part == 0, grad_D, 0.0), mask=channel_mask)
     tl.store(grad_parameters_ptr + (N + 1) * total_channels + channels, grad_bias, mask=channel_mask)
     tl.store(grad_h0_ptr + batch * total_channels * N + state_offsets, adjoint, mask=state_mask)
-
-
-def _backward_prefetches(device, programs):
-    """Whether the backward issues each frame's loads a frame ahead. That pays when its programs fit in
-    one wave of the GPU, each waiting on its own loads (CTC-large 60 s: 3.61 -> 3.11 ms forward +
-    backward), and loses when they do not, to the occupancy its extra registers cost (12 s: 2.04 ->
-    2.13 ms); measured on an H200, RESULTS.md. The interpreter counts as one multiprocessor."""
-    multiprocessors = _multiprocessors(device.index) if device.type == "cuda" else 1
-    return programs <= BACKWARD_PREFETCH_PROGRAMS * multiprocessors
-
-
-@functools.cache
-def _multiprocessors(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _strides(tensor, count):
@@ -437,7 +436,9 @@ def _scan_backward(
     grad_parameters = (torch.zeros if split > 1 else torch.empty)(
         split, batch, state + 2, channels, device=u.device, dtype=torch.float32)
     grad_h0 = u.new_empty(batch, state, channels, dtype=torch.float32)
-    scratch = u.new_empty(blocks * split * batch * directions, BLOCK_T, state // split, block_d, dtype=torch.float32)
+    # the states after every other frame of one chunk, per program
+    scratch = u.new_empty(blocks * split * batch * directions, BLOCK_T // 2, state // split, block_d,
+                          dtype=torch.float32)
     scan_backward_kernel[(blocks * split, batch, directions)](
         u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
         grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None,
@@ -449,7 +450,6 @@ def _scan_backward(
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
         HAS_GRAD_LAST=grad_last is not None, BLOCK_D=block_d, num_warps=BACKWARD["num_warps"], SPLIT=split,
-        PREFETCH=_backward_prefetches(u.device, blocks * split * batch * directions),
     )
     return (
         grad_u.to(u.dtype),

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # PyTorch's Linux wheels bring it; elsewhere the kernels cannot run
 
 from modules.mamba.conv_triton import (  # noqa: E402
+    BLOCK_C,
+    BLOCK_T,
     depthwise_conv,
     depthwise_conv_bwd,
     depthwise_conv_fwd,
@@ -22,6 +24,8 @@ from modules.mamba.mamba import Mamba  # noqa: E402
 from modules.models.conmamba import ConvolutionModule  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# two time tiles and three channel blocks of the kernels, the last of each partial
+FRAMES, CHANNELS = BLOCK_T + 13, 2 * BLOCK_C + 6
 
 
 def reference(x, weight, bias, lengths, directions):
@@ -69,7 +73,7 @@ def check(batch, time, dim, directions, lengths, dtype, tolerance):
 
 @pytest.mark.parametrize("directions", [1, 2])
 def test_float32_matches_the_float64_reference_with_ragged_lengths(directions):
-    check(3, 37, 70, directions, [37, 1, 20], torch.float32, 1e-5)
+    check(3, FRAMES, CHANNELS, directions, [FRAMES, 1, 20], torch.float32, 1e-5)
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
@@ -105,8 +109,7 @@ def check_plain(batch, time, dim, width, left, lengths, dtype, tolerance):
 @pytest.mark.parametrize("width,left", [(31, 15), (7, 3), (7, 6), (4, 0)], ids=["31-centred", "7-centred",
                                                                               "7-causal", "4-anticausal"])
 def test_the_plain_convolution_matches_the_float64_reference(width, left):
-    # 45 frames: two time tiles, the last one partial; 70 channels: two channel blocks, the last partial
-    check_plain(3, 45, 70, width, left, [45, 1, 20], torch.float32, 1e-5)
+    check_plain(3, FRAMES, CHANNELS, width, left, [FRAMES, 1, 20], torch.float32, 1e-5)
 
 
 def test_the_plain_convolution_in_bfloat16_accumulates_in_float32():

@@ -32,8 +32,12 @@ from torch import Tensor
 
 from .eager_autograd import eager_autograd, pick
 
-BLOCK_T = 32  # frames and channels of a program's tile
-BLOCK_C = 64
+# Frames and channels of a program's tile, and warps of the first backward kernel (the others take
+# Triton's default of 4), from `bench/conv_kernels.py --sweep` on an H200: forward + backward of both
+# convolutions at CTC-large 12 s took 0.28 and 0.24 ms against 0.49 and 0.42 with 32 x 64 tiles and 4 warps.
+BLOCK_T = 64
+BLOCK_C = 32
+GRADIENT_WARPS = 2
 
 
 @triton.jit
@@ -222,6 +226,7 @@ def _conv_backward(
         *x.stride(), *grad_out.stride(), *grad_pre.stride(),
         WIDTH=weight.shape[1], LEFT=left, SILU=silu, DIRECTIONS=directions,
         BLOCK_W=triton.next_power_of_2(weight.shape[1]), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None,
+        num_warps=GRADIENT_WARPS,
     )
     conv_grad_input_kernel[(triton.cdiv(time, BLOCK_T), triton.cdiv(dim, BLOCK_C), batch)](
         weight, lengths, grad_pre, grad_x, time, dim, *grad_pre.stride(), *grad_x.stride(),

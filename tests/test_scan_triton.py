@@ -93,11 +93,28 @@ def directional_scan_triton(**kwargs):
 
 
 @pytest.mark.parametrize("directions", [1, 2])
-def test_float32_matches_the_float64_reference_with_ragged_lengths(directions):
-    # 37 frames: three chunks, the last one partial; 20 channels: two channel blocks, the last partial.
+def test_float32_matches_the_float64_reference_with_ragged_lengths(directions, monkeypatch):
+    # 37 frames: three chunks, the last one partial; 40 channels: two channel blocks, the last partial.
     # The backward keeps every other state of a chunk: rows end after an odd (37: 5 frames into the
     # last chunk) and an even (22: 6) number of a chunk's frames, after one frame, and on a chunk's end
-    check_against_reference(4, 37, 20, 4, directions, [37, 1, 16, 22], torch.float32, 1e-4)
+    from modules.mamba import scan_triton
+
+    monkeypatch.setattr(scan_triton, "BACKWARD_PROGRAMS", 0)  # one time segment: programs walk whole rows
+    check_against_reference(4, 37, 40, 4, directions, [37, 1, 16, 22], torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+@pytest.mark.parametrize("chunks_per_segment", [1, 2])
+def test_the_backward_over_time_segments_matches_the_reference(directions, chunks_per_segment, monkeypatch):
+    """A launch with few programs splits each row into time segments walked at once: each starts from
+    the adjoint the later segments send back (the last state's gradient included)."""
+    from modules.mamba import scan_triton
+
+    # 53 frames: four chunks; rows of four, one and two chunks (segments past a row's end are empty)
+    programs = 3 * directions  # one channel block, 3 rows
+    monkeypatch.setattr(scan_triton, "BACKWARD_PROGRAMS", programs * 4 // chunks_per_segment)
+    assert scan_triton._time_segments(4, programs) == (4 // chunks_per_segment, chunks_per_segment)
+    check_against_reference(3, 53, 20, 4, directions, [53, 1, 30], torch.float32, 1e-4, initial_state=True)
 
 
 @pytest.mark.parametrize("directions", [1, 2])

@@ -17,6 +17,10 @@ adjoint recurrence ``g_s = C_s dy_s + exp(delta_{s+1} A) g_{s+1}`` frame by fram
 frames a stored state (the odd frame's state is one step on from it). Each frame's loads are issued a
 frame ahead. Gradients shared across channels (B, C) are summed over the block's lanes and written per
 channel block, those shared across the batch (A, D, delta bias) per utterance, and the caller sums them.
+When a launch would have few programs (long utterances in small batches), the backward splits each row
+into time segments walked at once: the adjoint recurrence is linear, so a first small kernel walks each
+segment from a zero adjoint (what it sends back, and the sum of its step sizes, whose exponential carries
+any adjoint through it) and each segment's program starts from the later segments' carries.
 
 Padded steps have step size 0, an identity step (decay 1, no input): outputs and gradients there are
 0 and each row's last state is the state after its own last frame. With ``TRITON_INTERPRET=1`` the
@@ -44,6 +48,10 @@ BLOCK_T = 16
 # splitting the states in two gains 2-5 % in the forward and loses in the backward (atomics).
 FORWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=2)
 BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
+# Programs the backward aims for: a launch with fewer (long rows in small batches) splits each row into
+# time segments, walked at once from the adjoints the later segments send back (two waves of 8 programs
+# on each of an H200's 132 multiprocessors).
+BACKWARD_PROGRAMS = 2112
 LOG2_E = tl.constexpr(1.4426950408889634)
 LN_2 = tl.constexpr(0.6931471805599453)
 
@@ -249,11 +257,61 @@ def scan_forward_kernel(
 
 
 @triton.jit
+def scan_adjoint_carry_kernel(
+    delta_ptr, A_ptr, C_ptr, bias_ptr, z_ptr, lengths_ptr, grad_out_ptr, carry_ptr, step_sum_ptr,
+    DIM, PROGRAMS_PER_SEGMENT, SEGMENT_STEPS,
+    s_db, s_dt, s_dc, s_Cb, s_Ct, s_Cg, s_Cn, s_zb, s_zt, s_zc, s_gb, s_gt, s_gc,
+    scale,
+    N: tl.constexpr, BLOCK_D: tl.constexpr, BIDIRECTIONAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # one program per (time segment but the first, channel block, state part, utterance, direction): the
+    # adjoint its segment sends to the step before it, from a zero adjoint at its end, and the sum of its
+    # step sizes (an adjoint entering at its end leaves multiplied by exp(A sum))
+    segment = 1 + tl.program_id(0) // PROGRAMS_PER_SEGMENT
+    block, part = (tl.program_id(0) % PROGRAMS_PER_SEGMENT) // SPLIT, tl.program_id(0) % SPLIT
+    batch, direction = tl.program_id(1), tl.program_id(2)
+    length = tl.load(lengths_ptr + batch).to(tl.int32)
+    reverse = _is_reversed(direction, BIDIRECTIONAL)
+    dims = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    channel_mask = dims < DIM
+    channels = direction * DIM + dims
+    states = part * (N // SPLIT) + tl.arange(0, N // SPLIT)
+    total_channels = DIM * (1 + BIDIRECTIONAL)
+    state_offsets = states[:, None] * total_channels + channels[None, :]
+    A, _D, bias = _parameters(A_ptr, None, bias_ptr, channels, channel_mask, state_offsets, BLOCK_D, False,
+                              HAS_BIAS)
+    delta_ptr += batch * s_db
+    C_ptr += batch * s_Cb + direction * s_Cg
+    grad_out_ptr += batch * s_gb
+    if HAS_Z:
+        z_ptr += batch * s_zb
+    adjoint = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)
+    step_sum = tl.zeros([BLOCK_D], tl.float32)
+    first, end = segment * SEGMENT_STEPS, tl.minimum((segment + 1) * SEGMENT_STEPS, length)
+    for back in range(0, end - first):
+        frame = _frame(end - 1 - back, length, reverse)[0]
+        delta_raw = tl.load(delta_ptr + frame * s_dt + channels * s_dc, mask=channel_mask, other=0.0)
+        C = tl.load(C_ptr + frame * s_Ct + states * s_Cn).to(tl.float32)
+        grad_y = tl.load(grad_out_ptr + frame * s_gt + dims * s_gc, mask=channel_mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = _load_gate(z_ptr, frame, True, dims, channel_mask, s_zt, s_zc, HAS_Z).to(tl.float32)
+            grad_y = grad_y * z * tl.sigmoid(z)
+        delta = _step_size(delta_raw, bias, True, SOFTPLUS)[0]
+        adjoint = tl.math.exp2(delta[None, :] * A) * (adjoint + C[:, None] * (grad_y * scale)[None, :])
+        step_sum += delta
+    offset = (segment - 1) * tl.num_programs(1) + batch
+    tl.store(carry_ptr + offset * N * total_channels + state_offsets, adjoint, mask=channel_mask[None, :])
+    if part == 0:
+        tl.store(step_sum_ptr + offset * total_channels + channels, step_sum, mask=channel_mask)
+
+
+@triton.jit
 def scan_backward_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, lengths_ptr, checkpoint_ptr, scratch_ptr,
-    grad_out_ptr, grad_last_ptr,
+    grad_out_ptr, grad_last_ptr, carry_ptr, step_sum_ptr,
     grad_u_ptr, grad_delta_ptr, grad_B_ptr, grad_C_ptr, grad_z_ptr, grad_parameters_ptr, grad_h0_ptr,
-    TIME, DIM,
+    TIME, DIM, PROGRAMS_PER_SEGMENT, SEGMENTS, SEGMENT_CHUNKS,
     s_ub, s_ut, s_uc, s_db, s_dt, s_dc, s_Bb, s_Bt, s_Bg, s_Bn, s_Cb, s_Ct, s_Cg, s_Cn, s_zb, s_zt, s_zc,
     s_kb, s_kk, s_kn, s_gb, s_gt, s_gc,
     s_gub, s_gut, s_guc, s_gBk, s_gBb, s_gBt, s_gBg, s_gBn, s_gzb, s_gzt, s_gzc,
@@ -262,8 +320,10 @@ def scan_backward_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_GRAD_LAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    # SPLIT programs share a channel block, each scanning N / SPLIT of its states
-    block, part = tl.program_id(0) // SPLIT, tl.program_id(0) % SPLIT
+    # SPLIT programs share a channel block, each scanning N / SPLIT of its states; each program walks one
+    # time segment of SEGMENT_CHUNKS chunks
+    segment = tl.program_id(0) // PROGRAMS_PER_SEGMENT
+    block, part = (tl.program_id(0) % PROGRAMS_PER_SEGMENT) // SPLIT, tl.program_id(0) % SPLIT
     batch, direction = tl.program_id(1), tl.program_id(2)
     length = tl.load(lengths_ptr + batch).to(tl.int32)
     reverse = _is_reversed(direction, BIDIRECTIONAL)
@@ -289,7 +349,7 @@ def scan_backward_kernel(
     grad_u_ptr += batch * s_gub
     grad_delta_ptr += batch * s_gub
     # this program's states of one chunk, written by the recomputation and read back in reverse
-    program = (direction * tl.num_programs(1) + batch) * tl.num_programs(0) + block
+    program = (direction * tl.num_programs(1) + batch) * tl.num_programs(0) + tl.program_id(0)
     scratch_ptr += (program * (BLOCK_T // 2) * (N // SPLIT) * BLOCK_D + tl.arange(0, N // SPLIT)[:, None] * BLOCK_D
                     + tl.arange(0, BLOCK_D)[None, :])
     # B and C are shared by the channel blocks: each block writes its own partial sums, added by the caller
@@ -299,13 +359,20 @@ def scan_backward_kernel(
         adjoint = tl.load(grad_last_ptr + batch * total_channels * N + state_offsets, mask=state_mask, other=0.0)
     else:
         adjoint = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)  # dL/dh of the step after the one being processed
+    for back in range(0, SEGMENTS - 1 - segment):  # through the later segments: their carries and decays
+        offset = (SEGMENTS - 2 - back) * tl.num_programs(1) + batch
+        step_sum = tl.load(step_sum_ptr + offset * total_channels + channels, mask=channel_mask, other=0.0)
+        carry = tl.load(carry_ptr + offset * N * total_channels + state_offsets, mask=state_mask, other=0.0)
+        adjoint = tl.math.exp2(step_sum[None, :] * A) * adjoint + carry
     grad_A = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)
     grad_D = tl.zeros([BLOCK_D], tl.float32)
     grad_bias = tl.zeros([BLOCK_D], tl.float32)
     gradients = (adjoint, grad_A, grad_D, grad_bias)
     # each frame's loads are issued a frame ahead, in both loops
-    for back in range(0, tl.cdiv(length, BLOCK_T)):
-        first = (tl.cdiv(length, BLOCK_T) - 1 - back) * BLOCK_T
+    first_chunk = segment * SEGMENT_CHUNKS
+    end_chunk = tl.minimum(first_chunk + SEGMENT_CHUNKS, tl.cdiv(length, BLOCK_T))
+    for back in range(0, end_chunk - first_chunk):
+        first = (end_chunk - 1 - back) * BLOCK_T
         # recompute the chunk's states from its checkpoint, keeping those after its even frames
         h = tl.load(checkpoint_ptr + (first // BLOCK_T) * s_kk, mask=state_mask, other=0.0)
         frame_next, valid_next = _frame(first, length, reverse)
@@ -349,16 +416,17 @@ def scan_backward_kernel(
     adjoint, grad_A, grad_D, grad_bias = gradients
 
     if SPLIT == 1:  # padded frames get zero gradients (with SPLIT > 1 the caller zeroes the sums)
-        for frame in range(length, TIME):
+        for frame in range(length, tl.where(segment == 0, TIME, length)):
             tl.store(grad_u_ptr + frame * s_gut + channels * s_guc, tl.zeros([BLOCK_D], tl.float32), mask=channel_mask)
             tl.store(grad_delta_ptr + frame * s_gut + channels * s_guc, tl.zeros([BLOCK_D], tl.float32),
                      mask=channel_mask)
-    # this utterance's (and state part's) share of the gradients of A, D and the bias: (N + 2, channels)
-    grad_parameters_ptr += (part * tl.num_programs(1) + batch) * (N + 2) * total_channels
+    # this utterance's (and segment's and state part's) share of the gradients of A, D and the bias:
+    # (N + 2, channels)
+    grad_parameters_ptr += ((segment * SPLIT + part) * tl.num_programs(1) + batch) * (N + 2) * total_channels
     tl.store(grad_parameters_ptr + state_offsets, grad_A, mask=state_mask)
     tl.store(grad_parameters_ptr + N * total_channels + channels, tl.where(part == 0, grad_D, 0.0), mask=channel_mask)
     tl.store(grad_parameters_ptr + (N + 1) * total_channels + channels, grad_bias, mask=channel_mask)
-    tl.store(grad_h0_ptr + batch * total_channels * N + state_offsets, adjoint, mask=state_mask)
+    tl.store(grad_h0_ptr + batch * total_channels * N + state_offsets, adjoint, mask=state_mask & (segment == 0))
 
 
 def _strides(tensor, count):
@@ -406,6 +474,35 @@ def _(u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, s
     return out, last, u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
 
 
+def _time_segments(chunks, programs):
+    """(segments, chunks a segment): the backward splits each row's chunks into time segments, one
+    program each, until a launch has about BACKWARD_PROGRAMS programs."""
+    segment_chunks = triton.cdiv(chunks, max(1, min(chunks, BACKWARD_PROGRAMS // programs)))
+    return triton.cdiv(chunks, segment_chunks), segment_chunks
+
+
+def _adjoint_carries(grad_out, delta, A_transposed, C, delta_bias, z, lengths, directions, scale, delta_softplus,
+                     segments, segment_chunks):
+    """What each time segment but the first sends back to the one before it, (segments - 1, batch, state,
+    channels), and the sums of its step sizes, (segments - 1, batch, channels): float32, empty with one
+    segment."""
+    batch, time, channels = delta.shape
+    dim, state = channels // directions, A_transposed.shape[0]
+    block_d, split = BACKWARD["BLOCK_D"], min(BACKWARD["SPLIT"], state)
+    carries = delta.new_empty(segments - 1, batch, state, channels, dtype=torch.float32)
+    step_sums = delta.new_empty(segments - 1, batch, channels, dtype=torch.float32)
+    if segments > 1:
+        programs = triton.cdiv(dim, block_d) * split
+        scan_adjoint_carry_kernel[((segments - 1) * programs, batch, directions)](
+            delta, A_transposed, C, delta_bias, z, lengths, grad_out, carries, step_sums,
+            dim, programs, segment_chunks * BLOCK_T,
+            *delta.stride(), *C.stride(), *_strides(z, 3), *grad_out.stride(),
+            scale, N=state, BLOCK_D=block_d, BIDIRECTIONAL=directions == 2, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, HAS_Z=z is not None, SPLIT=split, num_warps=BACKWARD["num_warps"],
+        )
+    return carries, step_sums
+
+
 def _scan_backward(
     grad_out: Tensor, grad_last: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], delta_bias: Optional[Tensor], z: Optional[Tensor], lengths: Tensor, checkpoints: Tensor,
@@ -431,19 +528,23 @@ def _scan_backward(
     if z is not None:
         atomic = bidirectional or split > 1
         grad_z = torch.zeros(batch, time, dim, device=u.device, dtype=torch.float32 if atomic else z.dtype)
-    # per state part and utterance: the gradients of A (transposed), D and the bias, summed below; a part
-    # writes only its own states of A
+    segments, segment_chunks = _time_segments(triton.cdiv(time, BLOCK_T), blocks * split * batch * directions)
+    # per time segment, state part and utterance: the gradients of A (transposed), D and the bias, summed
+    # below; a part writes only its own states of A
     grad_parameters = (torch.zeros if split > 1 else torch.empty)(
-        split, batch, state + 2, channels, device=u.device, dtype=torch.float32)
+        segments * split, batch, state + 2, channels, device=u.device, dtype=torch.float32)
     grad_h0 = u.new_empty(batch, state, channels, dtype=torch.float32)
     # the states after every other frame of one chunk, per program
-    scratch = u.new_empty(blocks * split * batch * directions, BLOCK_T // 2, state // split, block_d,
+    scratch = u.new_empty(segments * blocks * split * batch * directions, BLOCK_T // 2, state // split, block_d,
                           dtype=torch.float32)
-    scan_backward_kernel[(blocks * split, batch, directions)](
-        u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
-        grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None,
+    A_transposed = A.t().contiguous()
+    carries, step_sums = _adjoint_carries(grad_out, delta, A_transposed, C, delta_bias, z, lengths, directions, scale,
+                                          delta_softplus, segments, segment_chunks)
+    scan_backward_kernel[(segments * blocks * split, batch, directions)](
+        u, delta, A_transposed, B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
+        grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None, carries, step_sums,
         grad_u, grad_delta, grad_B, grad_C, grad_z, grad_parameters, grad_h0,
-        time, dim,
+        time, dim, blocks * split, segments, segment_chunks,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *checkpoints.stride()[:3],
         *grad_out.stride(),
         *grad_u.stride(), *grad_B.stride(), *_strides(grad_z, 3),

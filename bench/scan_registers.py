@@ -80,7 +80,8 @@ def reports():
             forward["num_warps"]),
         "backward": compile_report(
             scan_triton.scan_backward_kernel,
-            dict(common, grad_last_ptr=None, HAS_GRAD_LAST=False, BLOCK_D=backward["BLOCK_D"], SPLIT=backward["SPLIT"]),
+            dict(common, grad_last_ptr=None, HAS_GRAD_LAST=False, BLOCK_D=backward["BLOCK_D"], SPLIT=backward["SPLIT"],
+                 SEGMENTED=False),
             backward["num_warps"]),
     }
 

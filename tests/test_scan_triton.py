@@ -99,7 +99,7 @@ def test_float32_matches_the_float64_reference_with_ragged_lengths(directions, m
     # last chunk) and an even (22: 6) number of a chunk's frames, after one frame, and on a chunk's end
     from modules.mamba import scan_triton
 
-    monkeypatch.setattr(scan_triton, "BACKWARD_PROGRAMS", 0)  # one time segment: programs walk whole rows
+    monkeypatch.setattr(scan_triton, "SEGMENT_BELOW", 0)  # one time segment: programs walk whole rows
     check_against_reference(4, 37, 40, 4, directions, [37, 1, 16, 22], torch.float32, 1e-4)
 
 
@@ -112,7 +112,8 @@ def test_the_backward_over_time_segments_matches_the_reference(directions, chunk
 
     # 53 frames: four chunks; rows of four, one and two chunks (segments past a row's end are empty)
     programs = 3 * directions  # one channel block, 3 rows
-    monkeypatch.setattr(scan_triton, "BACKWARD_PROGRAMS", programs * 4 // chunks_per_segment)
+    monkeypatch.setattr(scan_triton, "SEGMENT_BELOW", programs + 1)
+    monkeypatch.setattr(scan_triton, "SEGMENTED_PROGRAMS", programs * 4 // chunks_per_segment)
     assert scan_triton._time_segments(4, programs) == (4 // chunks_per_segment, chunks_per_segment)
     check_against_reference(3, 53, 20, 4, directions, [53, 1, 30], torch.float32, 1e-4, initial_state=True)
 

@@ -48,10 +48,13 @@ BLOCK_T = 16
 # splitting the states in two gains 2-5 % in the forward and loses in the backward (atomics).
 FORWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=2)
 BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
-# Programs the backward aims for: a launch with fewer (long rows in small batches) splits each row into
-# time segments, walked at once from the adjoints the later segments send back (two waves of 8 programs
-# on each of an H200's 132 multiprocessors).
-BACKWARD_PROGRAMS = 2112
+# A backward launch of fewer programs than SEGMENT_BELOW (long rows in small batches: 4 one-warp programs
+# a multiprocessor of an H200) splits each row into time segments, walked at once from the adjoints the
+# later segments send back, to about SEGMENTED_PROGRAMS programs. Same-process A/B on an H200, forward +
+# backward at CTC-large: 60 s (448 programs) 2.97 -> 2.26 ms, 120 s (224) 5.63 -> 3.08 ms; 30 s (896)
+# was fastest unsplit (1.79 ms; 2.17 in 2 segments).
+SEGMENT_BELOW = 528
+SEGMENTED_PROGRAMS = 4224
 LOG2_E = tl.constexpr(1.4426950408889634)
 LN_2 = tl.constexpr(0.6931471805599453)
 
@@ -318,11 +321,14 @@ def scan_backward_kernel(
     scale,
     N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_GRAD_LAST: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_GRAD_LAST: tl.constexpr, SPLIT: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
-    # SPLIT programs share a channel block, each scanning N / SPLIT of its states; each program walks one
-    # time segment of SEGMENT_CHUNKS chunks
-    segment = tl.program_id(0) // PROGRAMS_PER_SEGMENT
+    # SPLIT programs share a channel block, each scanning N / SPLIT of its states; SEGMENTED, each program
+    # walks one time segment of SEGMENT_CHUNKS chunks, else its whole row
+    if SEGMENTED:
+        segment = tl.program_id(0) // PROGRAMS_PER_SEGMENT
+    else:
+        segment = 0
     block, part = (tl.program_id(0) % PROGRAMS_PER_SEGMENT) // SPLIT, tl.program_id(0) % SPLIT
     batch, direction = tl.program_id(1), tl.program_id(2)
     length = tl.load(lengths_ptr + batch).to(tl.int32)
@@ -359,11 +365,14 @@ def scan_backward_kernel(
         adjoint = tl.load(grad_last_ptr + batch * total_channels * N + state_offsets, mask=state_mask, other=0.0)
     else:
         adjoint = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)  # dL/dh of the step after the one being processed
-    for back in range(0, SEGMENTS - 1 - segment):  # through the later segments: their carries and decays
-        offset = (SEGMENTS - 2 - back) * tl.num_programs(1) + batch
-        step_sum = tl.load(step_sum_ptr + offset * total_channels + channels, mask=channel_mask, other=0.0)
-        carry = tl.load(carry_ptr + offset * N * total_channels + state_offsets, mask=state_mask, other=0.0)
-        adjoint = tl.math.exp2(step_sum[None, :] * A) * adjoint + carry
+    padded_end = TIME  # the padded frames' zero gradients are written by the first segment
+    if SEGMENTED:
+        for back in range(0, SEGMENTS - 1 - segment):  # through the later segments: their carries and decays
+            offset = (SEGMENTS - 2 - back) * tl.num_programs(1) + batch
+            step_sum = tl.load(step_sum_ptr + offset * total_channels + channels, mask=channel_mask, other=0.0)
+            carry = tl.load(carry_ptr + offset * N * total_channels + state_offsets, mask=state_mask, other=0.0)
+            adjoint = tl.math.exp2(step_sum[None, :] * A) * adjoint + carry
+        padded_end = tl.where(segment == 0, TIME, length)
     grad_A = tl.zeros([N // SPLIT, BLOCK_D], tl.float32)
     grad_D = tl.zeros([BLOCK_D], tl.float32)
     grad_bias = tl.zeros([BLOCK_D], tl.float32)
@@ -416,7 +425,7 @@ def scan_backward_kernel(
     adjoint, grad_A, grad_D, grad_bias = gradients
 
     if SPLIT == 1:  # padded frames get zero gradients (with SPLIT > 1 the caller zeroes the sums)
-        for frame in range(length, tl.where(segment == 0, TIME, length)):
+        for frame in range(length, padded_end):
             tl.store(grad_u_ptr + frame * s_gut + channels * s_guc, tl.zeros([BLOCK_D], tl.float32), mask=channel_mask)
             tl.store(grad_delta_ptr + frame * s_gut + channels * s_guc, tl.zeros([BLOCK_D], tl.float32),
                      mask=channel_mask)
@@ -426,7 +435,9 @@ def scan_backward_kernel(
     tl.store(grad_parameters_ptr + state_offsets, grad_A, mask=state_mask)
     tl.store(grad_parameters_ptr + N * total_channels + channels, tl.where(part == 0, grad_D, 0.0), mask=channel_mask)
     tl.store(grad_parameters_ptr + (N + 1) * total_channels + channels, grad_bias, mask=channel_mask)
-    tl.store(grad_h0_ptr + batch * total_channels * N + state_offsets, adjoint, mask=state_mask & (segment == 0))
+    if SEGMENTED:
+        state_mask = state_mask & (segment == 0)  # the adjoint before the row's first frame
+    tl.store(grad_h0_ptr + batch * total_channels * N + state_offsets, adjoint, mask=state_mask)
 
 
 def _strides(tensor, count):
@@ -475,31 +486,34 @@ def _(u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, s
 
 
 def _time_segments(chunks, programs):
-    """(segments, chunks a segment): the backward splits each row's chunks into time segments, one
-    program each, until a launch has about BACKWARD_PROGRAMS programs."""
-    segment_chunks = triton.cdiv(chunks, max(1, min(chunks, BACKWARD_PROGRAMS // programs)))
+    """(segments, chunks a segment) of the backward: one segment of all the chunks from SEGMENT_BELOW
+    programs up, else as many segments as bring the launch to about SEGMENTED_PROGRAMS programs."""
+    if programs >= SEGMENT_BELOW:
+        return 1, chunks
+    segment_chunks = triton.cdiv(chunks, max(1, min(chunks, SEGMENTED_PROGRAMS // programs)))
     return triton.cdiv(chunks, segment_chunks), segment_chunks
 
 
 def _adjoint_carries(grad_out, delta, A_transposed, C, delta_bias, z, lengths, directions, scale, delta_softplus,
                      segments, segment_chunks):
     """What each time segment but the first sends back to the one before it, (segments - 1, batch, state,
-    channels), and the sums of its step sizes, (segments - 1, batch, channels): float32, empty with one
+    channels), and the sums of its step sizes, (segments - 1, batch, channels): float32; None with one
     segment."""
+    if segments == 1:
+        return None, None
     batch, time, channels = delta.shape
     dim, state = channels // directions, A_transposed.shape[0]
     block_d, split = BACKWARD["BLOCK_D"], min(BACKWARD["SPLIT"], state)
     carries = delta.new_empty(segments - 1, batch, state, channels, dtype=torch.float32)
     step_sums = delta.new_empty(segments - 1, batch, channels, dtype=torch.float32)
-    if segments > 1:
-        programs = triton.cdiv(dim, block_d) * split
-        scan_adjoint_carry_kernel[((segments - 1) * programs, batch, directions)](
-            delta, A_transposed, C, delta_bias, z, lengths, grad_out, carries, step_sums,
-            dim, programs, segment_chunks * BLOCK_T,
-            *delta.stride(), *C.stride(), *_strides(z, 3), *grad_out.stride(),
-            scale, N=state, BLOCK_D=block_d, BIDIRECTIONAL=directions == 2, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, HAS_Z=z is not None, SPLIT=split, num_warps=BACKWARD["num_warps"],
-        )
+    programs = triton.cdiv(dim, block_d) * split
+    scan_adjoint_carry_kernel[((segments - 1) * programs, batch, directions)](
+        delta, A_transposed, C, delta_bias, z, lengths, grad_out, carries, step_sums,
+        dim, programs, segment_chunks * BLOCK_T,
+        *delta.stride(), *C.stride(), *_strides(z, 3), *grad_out.stride(),
+        scale, N=state, BLOCK_D=block_d, BIDIRECTIONAL=directions == 2, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, HAS_Z=z is not None, SPLIT=split, num_warps=BACKWARD["num_warps"],
+    )
     return carries, step_sums
 
 
@@ -551,6 +565,7 @@ def _scan_backward(
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
         HAS_GRAD_LAST=grad_last is not None, BLOCK_D=block_d, num_warps=BACKWARD["num_warps"], SPLIT=split,
+        SEGMENTED=segments > 1,
     )
     return (
         grad_u.to(u.dtype),

@@ -242,6 +242,7 @@ def test_the_custom_ops_agree_with_their_shape_functions():
     inputs = scan_inputs(2, 11, 8, 4, 2, torch.float32, [11, 6], initial_state=True)
     args = [inputs[name].detach() for name in ("u", "delta", "A", "B", "C", "D", "delta_bias", "z", "lengths",
                                                 "initial_state")]
+    args[2] = args[2].t().contiguous()  # the ops read A transposed, (state, channels)
     torch.library.opcheck(directional_scan_fwd, (*args, 2, 0.5, True))
     out, last, checkpoints = directional_scan_fwd(*args, 2, 0.5, True)
     grad_out, grad_last = torch.randn_like(out), torch.randn_like(last)

@@ -424,8 +424,11 @@ def scan_backward_kernel(
                                         BIDIRECTIONAL, HAS_D, SOFTPLUS, HAS_Z, SPLIT)
     adjoint, grad_A, grad_D, grad_bias = gradients
 
-    if SPLIT == 1:  # padded frames get zero gradients (with SPLIT > 1 the caller zeroes the sums)
-        for frame in range(length, padded_end):
+    # padded frames get zero gradients (with SPLIT > 1, those of u and delta are zeroed by the caller)
+    for frame in range(length, padded_end):
+        tl.store(grad_B_ptr + frame * s_gBt + states * s_gBn, tl.zeros([N // SPLIT], tl.float32))
+        tl.store(grad_C_ptr + frame * s_gBt + states * s_gBn, tl.zeros([N // SPLIT], tl.float32))
+        if SPLIT == 1:
             tl.store(grad_u_ptr + frame * s_gut + channels * s_guc, tl.zeros([BLOCK_D], tl.float32), mask=channel_mask)
             tl.store(grad_delta_ptr + frame * s_gut + channels * s_guc, tl.zeros([BLOCK_D], tl.float32),
                      mask=channel_mask)
@@ -449,11 +452,13 @@ def _scan_forward(
     z: Optional[Tensor], lengths: Tensor, initial_state: Optional[Tensor], directions: int, scale: float,
     delta_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward kernel: out (batch, time, dim) in u's dtype, the last states and the chunk checkpoints."""
+    """Forward kernel: out (batch, time, dim) in u's dtype, the last states and the chunk checkpoints.
+    A is transposed, (state, channels), float32 and contiguous, as the kernels read it (so are the
+    backward's and its gradient)."""
     batch, time, channels = u.shape
-    dim, state = channels // directions, A.shape[1]
+    dim, state = channels // directions, A.shape[0]
     bidirectional = directions == 2
-    # the kernels keep states and A as (state, channels): a warp's lanes read consecutive channels
+    # the kernels keep states as (state, channels): a warp's lanes read consecutive channels
     h0 = initial_state.float().transpose(1, 2).contiguous() if initial_state is not None else None
     split = min(FORWARD["SPLIT"], state)
     atomic = bidirectional or split > 1  # several programs add into each output
@@ -462,7 +467,7 @@ def _scan_forward(
     checkpoints = u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
     grid = (triton.cdiv(dim, FORWARD["BLOCK_D"]) * split, batch, directions)
     scan_forward_kernel[grid](
-        u, delta, A.t().contiguous(), B, C, D, delta_bias, z, lengths, h0, out, last, checkpoints,
+        u, delta, A, B, C, D, delta_bias, z, lengths, h0, out, last, checkpoints,
         dim, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *_strides(z, 3), *out.stride(),
         *checkpoints.stride()[:3],
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
@@ -479,7 +484,7 @@ directional_scan_fwd = torch.library.custom_op("mamba_asr::directional_scan_fwd"
 @directional_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, delta_bias, z, lengths, initial_state, directions, scale, delta_softplus):
     batch, time, channels = u.shape
-    state = A.shape[1]
+    state = A.shape[0]
     out = u.new_empty(batch, time, channels // directions)
     last = u.new_empty(batch, state, channels, dtype=torch.float32).transpose(1, 2)
     return out, last, u.new_empty(batch, triton.cdiv(time, BLOCK_T), state, channels, dtype=torch.float32)
@@ -521,12 +526,13 @@ def _scan_backward(
     grad_out: Tensor, grad_last: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Optional[Tensor], delta_bias: Optional[Tensor], z: Optional[Tensor], lengths: Tensor, checkpoints: Tensor,
     directions: int, scale: float, delta_softplus: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward kernel: gradients of u, delta, B, C, z (empty without a gate) and the initial state, and
-    those of A (transposed), D and delta_bias stacked in one (state + 2, channels) tensor (a custom op's
-    outputs may not be views of one another: :func:`_backward_through` splits it)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward kernel: gradients of u, delta, B and C stacked (batch, time, 2, directions, state), z
+    (empty without a gate) and the initial state, and those of A (transposed, as A is), D and delta_bias
+    stacked in one (state + 2, channels) tensor (a custom op's outputs may not be views of one another:
+    :func:`_backward_through` splits the stacks)."""
     batch, time, channels = u.shape
-    dim, state = channels // directions, A.shape[1]
+    dim, state = channels // directions, A.shape[0]
     bidirectional = directions == 2
     block_d, split = BACKWARD["BLOCK_D"], min(BACKWARD["SPLIT"], state)
     blocks = triton.cdiv(dim, block_d)
@@ -536,8 +542,10 @@ def _scan_backward(
     else:  # the kernel writes every frame, padded ones included
         grad_u = u.new_empty(batch, time, channels)
         grad_delta = delta.new_empty(batch, time, channels)
-    grad_B = torch.zeros(blocks, batch, time, B.shape[2], state, device=u.device, dtype=torch.float32)
-    grad_C = torch.zeros_like(grad_B)
+    # B and C are shared by the channel blocks: each block writes its partial sums at every frame (zeros at
+    # padded ones), added below; B's and C's in one buffer, so that one sum and one cast serve both
+    grad_BC = u.new_empty(blocks, batch, time, 2, B.shape[2], state, dtype=torch.float32)
+    grad_B, grad_C = grad_BC.unbind(3)
     grad_z = None
     if z is not None:
         atomic = bidirectional or split > 1
@@ -551,11 +559,10 @@ def _scan_backward(
     # the states after every other frame of one chunk, per program
     scratch = u.new_empty(segments * blocks * split * batch * directions, BLOCK_T // 2, state // split, block_d,
                           dtype=torch.float32)
-    A_transposed = A.t().contiguous()
-    carries, step_sums = _adjoint_carries(grad_out, delta, A_transposed, C, delta_bias, z, lengths, directions, scale,
+    carries, step_sums = _adjoint_carries(grad_out, delta, A, C, delta_bias, z, lengths, directions, scale,
                                           delta_softplus, segments, segment_chunks)
     scan_backward_kernel[(segments * blocks * split, batch, directions)](
-        u, delta, A_transposed, B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
+        u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints, scratch, grad_out,
         grad_last.float().transpose(1, 2).contiguous() if grad_last is not None else None, carries, step_sums,
         grad_u, grad_delta, grad_B, grad_C, grad_z, grad_parameters, grad_h0,
         time, dim, blocks * split, segments, segment_chunks,
@@ -570,8 +577,7 @@ def _scan_backward(
     return (
         grad_u.to(u.dtype),
         grad_delta.to(delta.dtype),
-        grad_B.sum(0).to(B.dtype),
-        grad_C.sum(0).to(C.dtype),
+        grad_BC.sum(0).to(B.dtype),
         grad_z.to(z.dtype) if z is not None else u.new_empty(0),
         grad_h0.transpose(1, 2),
         grad_parameters.sum((0, 1)),
@@ -584,12 +590,11 @@ directional_scan_bwd = torch.library.custom_op("mamba_asr::directional_scan_bwd"
 @directional_scan_bwd.register_fake
 def _(grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints, directions, scale,
       delta_softplus):
-    batch, channels, state = u.shape[0], u.shape[2], A.shape[1]
+    batch, channels, state = u.shape[0], u.shape[2], A.shape[0]
     return (  # the real gradients are fresh contiguous tensors, whatever the inputs' strides
         u.new_empty(u.shape),
         delta.new_empty(delta.shape),
-        B.new_empty(B.shape),
-        C.new_empty(C.shape),
+        B.new_empty(B.shape[0], B.shape[1], 2, *B.shape[2:]),
         z.new_empty(z.shape) if z is not None else u.new_empty(0),
         u.new_empty(batch, state, channels, dtype=torch.float32).transpose(1, 2),
         A.new_empty(state + 2, channels),
@@ -616,11 +621,12 @@ def _backward_through(scan_backward):
             grad_out, grad_last, u, delta, A, B, C, D, delta_bias, z, lengths, checkpoints,
             ctx.directions, ctx.scale, ctx.delta_softplus,
         )
-        grad_u, grad_delta, grad_B, grad_C, grad_z, grad_h0, grad_parameters = grads
-        grad_A_transposed, grad_D, grad_bias = grad_parameters.split([A.shape[1], 1, 1])
+        grad_u, grad_delta, grad_BC, grad_z, grad_h0, grad_parameters = grads
+        grad_B, grad_C = grad_BC.unbind(2)
+        grad_A, grad_D, grad_bias = grad_parameters.split([A.shape[0], 1, 1])
         has_D, has_bias, has_z, has_h0 = ctx.optional
         return (
-            grad_u, grad_delta, grad_A_transposed.t(), grad_B, grad_C,
+            grad_u, grad_delta, grad_A, grad_B, grad_C,
             grad_D.squeeze(0) if has_D else None, grad_bias.squeeze(0) if has_bias else None,
             grad_z if has_z else None,
             None, grad_h0 if has_h0 else None, None, None, None,
@@ -639,7 +645,7 @@ def triton_directional_scan(u, delta, A, B, C, D, delta_bias, z, lengths, initia
     state = A.shape[1]
     if state & (state - 1):
         raise ValueError(f"the Triton scan needs a state size that is a power of two, not {state}")
-    A = A.float().contiguous()
+    A = A.float().t().contiguous()  # once, for both passes; the gradient flows back through the transpose
     D = D.float().contiguous() if D is not None else None
     delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
     out, last, _ = pick(directional_scan_fwd, _eager_scan)(

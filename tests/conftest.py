@@ -13,6 +13,46 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # our Triton kernels then run on CPU tensors, through Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
 
+
+def _patch_the_language_once_a_launch():
+    """Triton's interpreter patches the ``triton.language`` modules that a kernel's module sees for a
+    launch, and again at every call of a ``@triton.jit`` helper inside it (about 2 ms a call: it lists
+    the modules' members), though nothing has changed; our kernels call helpers at every frame, which
+    made up 40 % of their interpreted time. Within a launch, a helper whose module was patched already
+    (ours, not Triton's own ``tl.zeros`` and the like) is not patched again. Left as it is where the
+    interpreter's internals differ."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    if patch_lang is None or not hasattr(interpreter, "_LangPatchScope"):
+        return
+    patched = []  # during a launch: the ids of the module globals whose language modules are patched
+
+    def patch_once(fn):
+        if patched and id(fn.__globals__) in patched[0]:
+            return None  # a helper's call, whose caller discards the patch
+        scope = patch_lang(fn)
+        if patched:
+            patched[0].add(id(fn.__globals__))
+            return scope
+        restore = scope.restore
+
+        def restore_and_end_launch():
+            patched.clear()
+            restore()
+
+        scope.restore = restore_and_end_launch
+        patched.append({id(fn.__globals__)})
+        return scope
+
+    interpreter._patch_lang = patch_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_a_launch()
+
 pytest.register_assert_rewrite("recipe_runs")
 
 import reliability_report  # noqa: E402  (tests/ is on sys.path once pytest imports this conftest)

@@ -3,9 +3,8 @@
 An eager training step is bound by the host, which pays for every dispatched operation; this counts
 them for a ConMamba layer and SpeechBrain's Conformer layers (``bench/benchmark.py``'s models, CTC-large
 size, bf16 autocast on the CPU, two utterances of 32 frames). Our Triton scan and convolution are
-called through their custom ops here, and the launches of the parameter pack (:mod:`modules.mamba.packing`)
-are counted once each, so that each counts as one operation (their own host work is what ``python
-bench/scan_kernels.py --host`` times on a GPU); the Triton interpreter runs them.
+called through their custom ops here, so that each counts as one operation (their own host work is
+what ``python bench/scan_kernels.py --host`` times on a GPU); the Triton interpreter runs them.
 
     python bench/layer_ops.py
 """
@@ -23,51 +22,19 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.benchmark import SIZES, build_model  # noqa: E402
-from modules.mamba import conv_triton, packing_triton, scan_triton  # noqa: E402
+from modules.mamba import conv_triton, scan_triton  # noqa: E402
 
 
 class OperationCounter(TorchDispatchMode):
     """Counts the ATen operations dispatched while it is active, by name."""
 
-    active = []  # the counters entered, innermost last
-
     def __init__(self):
         super().__init__()
         self.counts = Counter()
-        self.paused = False
-
-    def __enter__(self):
-        OperationCounter.active.append(self)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        OperationCounter.active.pop()
-        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.counts[str(func.overloadpacket)] += 1
+        self.counts[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
-
-
-class CountedOnce:
-    """A Triton kernel whose launch counts as one operation: the interpreter's own tensor operations
-    are not counted (our custom ops' are not, either)."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            counter = OperationCounter.active[-1]
-            counter.paused = True
-            try:
-                self.kernel[grid](*args, **kwargs)
-            finally:
-                counter.paused = False
-            counter.counts[f"triton.{self.kernel.fn.__name__}"] += 1
-
-        return launch
 
 
 def count_layer(model_name):
@@ -79,12 +46,7 @@ def count_layer(model_name):
     x = torch.randn(2, 32, size["d_model"], requires_grad=True)
     padding_mask = torch.arange(32)[None] >= torch.tensor([32, 20])[:, None]
     through_ops = lambda op, eager: op  # noqa: E731
-    with (
-        mock.patch.object(scan_triton, "pick", through_ops),
-        mock.patch.object(conv_triton, "pick", through_ops),
-        mock.patch.object(packing_triton, "pack_directions_kernel", CountedOnce(packing_triton.pack_directions_kernel)),
-        mock.patch.object(packing_triton, "unpack_gradients_kernel", CountedOnce(packing_triton.unpack_gradients_kernel)),
-    ):
+    with mock.patch.object(scan_triton, "pick", through_ops), mock.patch.object(conv_triton, "pick", through_ops):
         with torch.autocast("cpu", dtype=torch.bfloat16), OperationCounter() as forward:
             y = layer(x, padding_mask)
         loss = y.float().square().mean()

@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .conv import causal_conv1d_silu
-from .packing import pack_directions
 from .reverse import reverse_time
 from .scan import directional_scan, pick_backend
 from .selective_scan import selective_scan
@@ -39,13 +38,6 @@ def inverse_softplus_dt(size, dt_min, dt_max, dt_init_floor):
     dt = torch.exp(torch.rand(size) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = dt.clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))
-
-
-def _matmul_dtype(weight, device):
-    """The dtype matrix products with ``weight`` run in on ``device``: autocast's, if it is on."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return weight.dtype
 
 
 def stack_directions(mixer, name, attribute=None):
@@ -187,25 +179,24 @@ class Mamba(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, time, d_inner) views
         if reverse_index is not None:
             return self._forward_reordered(x, z, reverse_index)
+        batch, time, _ = hidden.shape
         if lengths is not None:
             lengths = lengths.to(torch.int32)
         directions = len(self.suffixes)
-        on_triton = pick_backend(self.scan_backend, x.is_cuda, mamba_ssm_built=True, has_initial_state=False) == "triton"
-        packed = pack_directions(self.directions, _matmul_dtype(self.x_proj.weight, x.device), on_triton)
-        u = self._convolve_directions(x, lengths, packed.conv_weight, packed.conv_bias, on_triton)
-        # x_proj and dt_proj of all directions as one matrix product each (block-diagonal weights), in the
-        # (batch, time, channels) layout that the scan reads without copies
-        x_dbl = F.linear(u, packed.x_proj_weight)
-        dt, B_C = x_dbl.split([directions * self.dt_rank, directions * 2 * self.d_state], dim=-1)
-        B, C = B_C.unflatten(-1, (directions, 2 * self.d_state)).chunk(2, dim=-1)
+        u = self._convolve_directions(x, lengths)  # (batch, time, directions * d_inner)
+        # x_proj and dt_proj of both directions as one matrix product each (block-diagonal weights),
+        # in the (batch, time, channels) layout that the scan reads without copies
+        x_dbl = F.linear(u, torch.block_diag(*(d.x_proj.weight for d in self.directions)))
+        dt, B, C = x_dbl.view(batch, time, directions, -1).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt.flatten(2), torch.block_diag(*(d.dt_proj.weight for d in self.directions)))
         y = directional_scan(
             u,
-            F.linear(dt, packed.dt_proj_weight),
-            packed.A,
+            delta,
+            -torch.exp(stack_directions(self, "A_log").float()).flatten(0, 1),
             B,
             C,
-            D=packed.D,
-            delta_bias=packed.delta_bias,
+            D=stack_directions(self, "D").float().flatten(),
+            delta_bias=stack_directions(self, "dt_proj", "bias").float().flatten(),
             z=z,
             lengths=lengths,
             directions=directions,
@@ -214,9 +205,8 @@ class Mamba(nn.Module):
         )
         return self.out_proj(y)
 
-    def _convolve_directions(self, x, lengths, weight, bias, on_triton):
-        """SiLU(depthwise conv) of each direction over x (batch, time, d_inner), in time order, with the
-        packed ``weight`` (directions * d_inner, width) and ``bias`` (:mod:`.packing`).
+    def _convolve_directions(self, x, lengths):
+        """SiLU(depthwise conv) of each direction over x (batch, time, d_inner), in time order.
 
         The backward direction's causal convolution of the reversed sequence is, in time order, an
         anti-causal one (it reads frames t .. t+width-1, zeros at and past the row's length), so no
@@ -225,23 +215,26 @@ class Mamba(nn.Module):
         directions * d_inner), contiguous.
         """
         directions = len(self.suffixes)
-        if on_triton:
+        if pick_backend(self.scan_backend, x.is_cuda, mamba_ssm_built=True, has_initial_state=False) == "triton":
             from .conv_triton import directional_conv_silu  # imports Triton only where it runs
 
             if lengths is None:
                 lengths = torch.full((x.shape[0],), x.shape[1], device=x.device, dtype=torch.int32)
+            weight = stack_directions(self, "conv1d", "weight").view(directions * self.d_inner, -1)
+            bias = stack_directions(self, "conv1d", "bias").flatten() if self.conv1d.bias is not None else None
             return directional_conv_silu(x, weight, bias, lengths, directions)
         if lengths is not None and self.bidirectional:  # the backward convolution reads the frames after t
             x = x * (torch.arange(x.shape[1], device=x.device) < lengths[:, None])[..., None].to(x.dtype)
         x = x.transpose(1, 2)
         if not self.bidirectional:
-            return causal_conv1d_silu(x, weight, bias).transpose(1, 2).contiguous()
+            return causal_conv1d_silu(x, self.conv1d.weight.squeeze(1), self.conv1d.bias).transpose(1, 2).contiguous()
         batch, channels, time = x.shape
-        width = weight.shape[-1]
+        width = self.conv1d.weight.shape[-1]
         padded = x.new_zeros(batch, 2 * channels, time + width - 1)
         padded[:, :channels, width - 1 :] = x  # zeros before: causal
         padded[:, channels:, :time] = x  # zeros after: anti-causal
-        weight = torch.cat([weight[:channels], weight[channels:].flip(-1)]).unsqueeze(1)
+        weight = torch.cat([self.conv1d.weight, self.conv1d_b.weight.flip(-1)])
+        bias = torch.cat([self.conv1d.bias, self.conv1d_b.bias]) if self.conv1d.bias is not None else None
         return F.silu(F.conv1d(padded, weight, bias, groups=2 * channels)).transpose(1, 2).contiguous()
 
     def _forward_reordered(self, x, z, reverse_index):

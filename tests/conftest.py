@@ -28,23 +28,21 @@ def _patch_the_language_once_a_launch():
     patch_lang = getattr(interpreter, "_patch_lang", None)
     if patch_lang is None or not hasattr(interpreter, "_LangPatchScope"):
         return
-    patched = []  # during a launch: the ids of the module globals whose language modules are patched
+    patched = set()  # during a launch: the ids of the module globals whose language modules are patched
 
     def patch_once(fn):
-        if patched and id(fn.__globals__) in patched[0]:
+        if id(fn.__globals__) in patched:
             return None  # a helper's call, whose caller discards the patch
         scope = patch_lang(fn)
-        if patched:
-            patched[0].add(id(fn.__globals__))
-            return scope
-        restore = scope.restore
+        if not patched:  # a launch begins: its patch is undone at its end
+            restore = scope.restore
 
-        def restore_and_end_launch():
-            patched.clear()
-            restore()
+            def restore_and_end_launch():
+                patched.clear()
+                restore()
 
-        scope.restore = restore_and_end_launch
-        patched.append({id(fn.__globals__)})
+            scope.restore = restore_and_end_launch
+        patched.add(id(fn.__globals__))
         return scope
 
     interpreter._patch_lang = patch_once

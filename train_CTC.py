@@ -34,13 +34,13 @@ from modules.training.recipe import (
     RecipeBrain,
     add_audio_pipeline,
     audio_on_device,
-    compile_layers,
     csv_name,
     evaluate_test_sets,
     load_datasets,
     loader_options,
     lock_output_folder,
     prepare_manifests,
+    speed_up_training,
     train_tokenizer,
 )
 
@@ -49,11 +49,11 @@ from modules.training.recipe import (
 # (tests/test_config_checks.py keeps the list complete).
 REQUIRED_HPARAMS = """
     avg_checkpoints bad_data blank_index bos_index cer_computer character_coverage checkpointer
-    compile_layers compute_features ctc_cost data_folder dev_splits dynamic_batch_sampler_train
+    compile_layers compute_features cuda_graphs ctc_cost data_folder dev_splits dynamic_batch_sampler_train
     dynamic_batch_sampler_valid dynamic_batching encoder eos_index epoch_counter error_rate_computer
     fea_augment log_softmax max_duration model model_opt_class modules ngram_lm_file ngram_order
     noam_annealing num_workers output_folder output_neurons sample_rate select_n_sentences skip_prep
-    sorting speed_perturb test_csv test_dataloader_opts test_search test_splits token_type
+    sorting speech_encoder speed_perturb test_csv test_dataloader_opts test_search test_splits token_type
     tokenizer_folder train_csv train_dataloader_opts train_logger train_splits valid_csv
     valid_dataloader_opts
 """.split()
@@ -181,8 +181,7 @@ if __name__ == "__main__":
     asr_brain.build_test_search(vocab_list=vocab_list)
 
     train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
-    if hparams["compile_layers"]:  # eager by default (README, "Training on LibriSpeech")
-        compile_layers(hparams["encoder"], dynamic=True)
+    speed_up_training(hparams)  # the yaml's compile_layers or cuda_graphs
     asr_brain.fit(
         asr_brain.hparams.epoch_counter,
         train_data,

@@ -39,13 +39,13 @@ from modules.training.recipe import (
     RecipeBrain,
     add_audio_pipeline,
     audio_on_device,
-    compile_layers,
     csv_name,
     evaluate_test_sets,
     load_datasets,
     loader_options,
     lock_output_folder,
     prepare_manifests,
+    speed_up_training,
     train_tokenizer,
 )
 
@@ -56,11 +56,11 @@ logger = logging.getLogger(__name__)
 # (tests/test_config_checks.py keeps the list complete).
 REQUIRED_HPARAMS = """
     acc_computer avg_checkpoints bad_data bos_index character_coverage checkpointer compile_layers
-    compute_features ctc_cost ctc_scorer ctc_weight ctc_weight_decode data_folder dev_splits
+    compute_features ctc_cost ctc_scorer cuda_graphs ctc_weight ctc_weight_decode data_folder dev_splits
     dynamic_batch_sampler_train dynamic_batch_sampler_valid dynamic_batching encoder eos_index
     epoch_counter error_rate_computer fea_augment lm_file lm_model lm_scorer lm_weight log_softmax
     max_duration model model_opt_class modules noam_annealing num_workers output_folder
-    output_neurons sample_rate select_n_sentences seq_cost skip_prep sorting speed_perturb test_csv
+    output_neurons sample_rate select_n_sentences seq_cost skip_prep sorting speech_encoder speed_perturb test_csv
     test_dataloader_opts test_search test_splits token_type tokenizer_folder train_csv
     train_dataloader_opts train_logger train_splits valid_csv valid_dataloader_opts valid_search
     valid_search_interval
@@ -239,8 +239,7 @@ if __name__ == "__main__":
     asr_brain.build_test_search(scorer=build_test_scorer(hparams, asr_brain.device))
 
     train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
-    if hparams["compile_layers"]:  # eager by default (README, "Training on LibriSpeech")
-        compile_layers(hparams["encoder"], dynamic=True)
+    speed_up_training(hparams)  # the yaml's compile_layers or cuda_graphs
     asr_brain.fit(
         asr_brain.hparams.epoch_counter,
         train_data,

@@ -82,14 +82,18 @@ class SpeechEncoder(torch.nn.Module):
         """
         if x.dim() == 4:
             x = x.flatten(start_dim=2)
-        x = self.input_projection(x)
-
         # True at padded frames, as expected by src_key_padding_mask. (Not SpeechBrain's length_to_mask:
         # its len() would freeze the batch size of a traced model, see modules/inference/export.py.)
         abs_lens = torch.round(wav_lens * x.shape[1])
-        mask = torch.arange(x.shape[1], device=x.device) >= abs_lens[:, None]
+        padding_mask = torch.arange(x.shape[1], device=x.device) >= abs_lens[:, None]
+        return self.encode(x, padding_mask)
 
+    def encode(self, x, padding_mask):
+        """Input projection, positional embedding and encoder stack over x (B, T, C), padding_mask
+        (B, T) True at padded frames: all that :func:`modules.training.cuda_graphs.use_cuda_graphs`
+        records as one graph."""
+        x = self.input_projection(x)
         pos_embs = None
         if self.positional_encoding is not None:
             pos_embs = self.positional_encoding(x)
-        return self.encoder(x, src_key_padding_mask=mask, pos_embs=pos_embs)[0]
+        return self.encoder(x, src_key_padding_mask=padding_mask, pos_embs=pos_embs)[0]

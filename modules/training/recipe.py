@@ -18,6 +18,7 @@ from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from modules.training.checkpointing import average_checkpoints
+from modules.training.cuda_graphs import use_cuda_graphs
 from modules.training.data_checks import (
     BadDataError,
     collate_readable,
@@ -240,6 +241,18 @@ class RecipeBrain(sb.Brain):
         if if_main_process():
             with open(self.test_wer_file, "w", encoding="utf-8") as w:
                 self.wer_metric.write_stats(w)
+
+
+def speed_up_training(hparams):
+    """Applies the yaml's ``compile_layers`` (:func:`compile_layers` on ``encoder``, dynamic shapes) or
+    ``cuda_graphs`` (:func:`modules.training.cuda_graphs.use_cuda_graphs` on ``speech_encoder``);
+    eager training when both are False."""
+    if hparams["compile_layers"] and hparams["cuda_graphs"]:
+        raise ValueError("compile_layers and cuda_graphs are alternatives: set one of them to False")
+    if hparams["compile_layers"]:
+        compile_layers(hparams["encoder"], dynamic=True)
+    if hparams["cuda_graphs"]:
+        use_cuda_graphs(hparams["speech_encoder"])
 
 
 def compile_layers(encoder, **options):

@@ -38,6 +38,7 @@ from speechbrain.nnet.attention import RelPosEncXL  # noqa: E402
 from modules.mamba import scan_cuda  # noqa: E402
 from modules.mamba.scan import pick_backend  # noqa: E402
 from modules.models.conmamba import ConMambaEncoder, ConMambaEncoderLayer  # noqa: E402
+from modules.training.cuda_graphs import GraphedEncoding  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -57,6 +58,7 @@ MODELS = {
 }
 
 COMPILED = "+compile"  # model-name suffix: the same module through torch.compile (default mode)
+GRAPHED = "+graphs"  # model-name suffix: its training steps replayed as CUDA graphs (modules/training/cuda_graphs.py)
 BACKEND_SEPARATOR = ":"  # conmamba:triton, conmamba:mamba_ssm: the scan back-end (modules/mamba/scan.py)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -134,10 +136,13 @@ class ConformerBench(nn.Module):
 
 def build_model(model_name, what, size, dropout):
     """The benchmarked module for a model name and mode ("layer" or "encoder"); a name ending in
-    ``+compile`` is the same module through ``torch.compile`` (compiled during the warm-up steps)."""
-    base_name = model_name.removesuffix(COMPILED)
+    ``+compile`` is the same module through ``torch.compile`` (compiled during the warm-up steps), one
+    ending in ``+graphs`` replays its training steps as CUDA graphs (recorded during the warm-up steps)."""
+    base_name = model_name.removesuffix(COMPILED).removesuffix(GRAPHED)
     bench_class = ConMambaBench if base_name.startswith("conmamba") else ConformerBench
     model = bench_class(base_name, what, size, dropout)
+    if model_name.endswith(GRAPHED):
+        model.forward = GraphedEncoding(model, encode=model.forward, frame_multiple=1, batch_multiple=1)
     return torch.compile(model) if model_name.endswith(COMPILED) else model
 
 
@@ -325,7 +330,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="models (append +compile for torch.compile, e.g. conmamba+compile; conmamba:BACKEND picks the "
+        epilog="models (append +compile for torch.compile, e.g. conmamba+compile, or +graphs for CUDA graphs; "
+        "conmamba:BACKEND picks the "
         "scan back-end of modules/mamba/scan.py, e.g. conmamba:mamba_ssm):\n"
         + "\n".join(f"  {k:17} {v}" for k, v in MODELS.items()),
     )
@@ -362,7 +368,7 @@ def parse_args(argv=None):
     args.warmup = defaults["warmup"] if args.warmup is None else args.warmup
     args.threads = args.threads or defaults["threads"]
     args.models = args.models.split(",")
-    unknown = {m.removesuffix(COMPILED).partition(BACKEND_SEPARATOR)[0] for m in args.models} - set(MODELS)
+    unknown = {m.removesuffix(COMPILED).removesuffix(GRAPHED).partition(BACKEND_SEPARATOR)[0] for m in args.models} - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     if args.device == "cuda":
@@ -370,6 +376,8 @@ def parse_args(argv=None):
             parser.error("--device cuda but CUDA is not available")
         args.dtype = args.dtype or "bf16"
     else:
+        if any(m.endswith(GRAPHED) for m in args.models):
+            parser.error(f"{GRAPHED} records CUDA graphs: it needs --device cuda")
         if args.dtype not in (None, "fp32"):
             logger.warning("CPU runs in fp32 (no autocast); --dtype %s ignored", args.dtype)
         args.dtype = "fp32"

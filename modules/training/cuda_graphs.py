@@ -107,6 +107,8 @@ class GraphedEncoding:
     ---------
     encoder : torch.nn.Module
         The module whose ``encode`` is graphed (its parameters get the gradients).
+    encode : callable
+        What to graph, ``encode(x, padding_mask)`` (default ``encoder.encode``).
     frame_multiple, batch_multiple : int
         Bucket sizes: fewer graphs against more padded work.
     max_graphs : int
@@ -116,8 +118,9 @@ class GraphedEncoding:
         to run the padding and bucketing on the CPU.
     """
 
-    def __init__(self, encoder, frame_multiple=32, batch_multiple=8, max_graphs=64, capture=CapturedStep):
-        self.encoder, self.eager = encoder, encoder.encode
+    def __init__(self, encoder, encode=None, frame_multiple=32, batch_multiple=8, max_graphs=64,
+                 capture=CapturedStep):
+        self.encoder, self.eager = encoder, encode or encoder.encode
         self.frame_multiple, self.batch_multiple, self.max_graphs = frame_multiple, batch_multiple, max_graphs
         self.capture = capture
         self.graphs, self.pool = {}, None

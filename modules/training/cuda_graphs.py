@@ -49,27 +49,28 @@ class CapturedStep:
     Like ``torch.cuda.make_graphed_callables``, which PyTorch 2.11 cannot record while another thread
     of the process uses CUDA (the loader's pin-memory thread allocates page-locked memory), so here
     capture errors are the recording thread's only (``capture_error_mode="thread_local"``). Warm-up
-    and capture run on one side stream: kernels compile and cuBLAS makes its workspaces outside the
-    graphs. Parameter gradients are returned as the graph's own tensors, which autograd then adds to
+    and capture run on the side ``stream``: kernels compile and cuBLAS makes its workspaces outside the
+    graphs. Every capture must use the same ``pool`` and ``stream``: the allocator reuses a freed block
+    only on the stream that allocated it, so graphs recorded on different streams could not share
+    their activations' memory (each would keep its own, about 13 GiB for CTC-large at 12 s). Parameter gradients are returned as the graph's own tensors, which autograd then adds to
     (or copies into) ``.grad``, so gradient accumulation over steps is exact.
     """
 
-    def __init__(self, encode, params, x, padding_mask, pool, warmup=2):
+    def __init__(self, encode, params, x, padding_mask, pool, stream, warmup=2):
         self.params = tuple(p for p in params if p.requires_grad)
         self.x, self.padding_mask = x.detach().clone().requires_grad_(x.requires_grad), padding_mask.clone()
         inputs = ((self.x,) if x.requires_grad else ()) + self.params
-        record = dict(pool=pool, capture_error_mode="thread_local")
-        stream = torch.cuda.Stream()
+        record = dict(pool=pool, stream=stream, capture_error_mode="thread_local")
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 out = encode(self.x, self.padding_mask)
                 torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
             self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.forward_graph, stream=stream, **record):
+            with torch.cuda.graph(self.forward_graph, **record):
                 out = encode(self.x, self.padding_mask)
             self.grad_out = torch.empty_like(out)
-            with torch.cuda.graph(self.backward_graph, stream=stream, **record):
+            with torch.cuda.graph(self.backward_graph, **record):
                 grads = torch.autograd.grad(out, inputs, self.grad_out, allow_unused=True)
         torch.cuda.current_stream().wait_stream(stream)
         self.out = out.detach()
@@ -114,7 +115,7 @@ class GraphedEncoding:
     max_graphs : int
         Batch shapes beyond this many run eager (logged once), bounding the graphs' memory.
     capture : callable
-        ``capture(encode, params, x, padding_mask, pool)``, :class:`CapturedStep`; the tests pass a stand-in
+        ``capture(encode, params, x, padding_mask, pool, stream)``, :class:`CapturedStep`; the tests pass a stand-in
         to run the padding and bucketing on the CPU.
     """
 
@@ -123,7 +124,7 @@ class GraphedEncoding:
         self.encoder, self.eager = encoder, encode or encoder.encode
         self.frame_multiple, self.batch_multiple, self.max_graphs = frame_multiple, batch_multiple, max_graphs
         self.capture = capture
-        self.graphs, self.pool = {}, None
+        self.graphs, self.pool, self.stream = {}, None, None
 
     def __call__(self, x, padding_mask):
         if not (torch.is_grad_enabled() and self.encoder.training):
@@ -147,10 +148,10 @@ class GraphedEncoding:
         """The graphs for the shapes of x and padding_mask, recorded under the step's autocast state,
         without autocast's cache of cast weights (a graph would keep reading casts freed after the step)."""
         if self.pool is None and x.is_cuda:
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         enabled, dtype = autocast
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-            return self.capture(self.eager, tuple(self.encoder.parameters()), x, padding_mask, self.pool)
+            return self.capture(self.eager, tuple(self.encoder.parameters()), x, padding_mask, self.pool, self.stream)
 
 
 def use_cuda_graphs(speech_encoder, **options):

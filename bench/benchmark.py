@@ -368,7 +368,8 @@ def parse_args(argv=None):
     args.warmup = defaults["warmup"] if args.warmup is None else args.warmup
     args.threads = args.threads or defaults["threads"]
     args.models = args.models.split(",")
-    unknown = {m.removesuffix(COMPILED).removesuffix(GRAPHED).partition(BACKEND_SEPARATOR)[0] for m in args.models} - set(MODELS)
+    base_names = {m.removesuffix(COMPILED).removesuffix(GRAPHED).partition(BACKEND_SEPARATOR)[0] for m in args.models}
+    unknown = base_names - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     if args.device == "cuda":

@@ -112,13 +112,20 @@ def test_one_graph_a_bucket_and_eager_past_max_graphs_or_without_gradients(caplo
     assert len(recorder.shapes) == 2
 
 
-def test_the_recipes_apply_one_speed_option():
+def test_the_recipes_apply_one_speed_option_and_stay_eager_without_cuda_or_with_ddp(monkeypatch):
     hparams = dict(compile_layers=True, cuda_graphs=True, encoder=None, speech_encoder=None)
     with pytest.raises(ValueError, match="compile_layers and cuda_graphs"):
         speed_up_training(hparams)
     model = speech_encoder("conmamba")
+    eager = model.encode
+    for cuda, ddp in [(False, False), (True, True)]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: ddp)
+        speed_up_training(dict(hparams, compile_layers=False, speech_encoder=model))
+        assert model.encode == eager
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     speed_up_training(dict(hparams, compile_layers=False, speech_encoder=model))
-    assert isinstance(model.encode, GraphedEncoding) == torch.cuda.is_available()
+    assert isinstance(model.encode, GraphedEncoding) and model.encode.eager == eager
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="records CUDA graphs")
@@ -138,7 +145,8 @@ def test_replayed_graphs_train_like_the_eager_encoder(name):
                 out = model(x, wav_lens)
             valid = (torch.arange(frames, device="cuda") < torch.round(wav_lens * frames)[:, None]).unsqueeze(-1)
             (out.float() * valid).square().sum().backward()
-            results.append((out * valid, x.grad.clone(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+            grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+            results.append((out * valid, x.grad.clone(), grads))
         (out, x_grad, grads), (out_graphed, x_grad_graphed, grads_graphed) = results
         torch.testing.assert_close(out_graphed, out, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(x_grad_graphed, x_grad, atol=2e-2, rtol=2e-2)

@@ -46,14 +46,19 @@ class CapturedStep:
     ``params``, at the shapes of ``x`` and ``padding_mask``; calling it replays them as one autograd
     operation.
 
-    Like ``torch.cuda.make_graphed_callables``, which PyTorch 2.11 cannot record while another thread
-    of the process uses CUDA (the loader's pin-memory thread allocates page-locked memory), so here
-    capture errors are the recording thread's only (``capture_error_mode="thread_local"``). Warm-up
-    and capture run on the side ``stream``: kernels compile and cuBLAS makes its workspaces outside the
-    graphs. Every capture must use the same ``pool`` and ``stream``: the allocator reuses a freed block
-    only on the stream that allocated it, so graphs recorded on different streams could not share
-    their activations' memory (each would keep its own, about 13 GiB for CTC-large at 12 s). Parameter gradients are returned as the graph's own tensors, which autograd then adds to
-    (or copies into) ``.grad``, so gradient accumulation over steps is exact.
+    It does what ``torch.cuda.make_graphed_callables`` does, whose captures failed in the recipes
+    (PyTorch 2.11): it records in the process-wide mode, in which a CUDA call of any other thread,
+    such as the loader's pin-memory thread allocating page-locked memory, invalidates the capture.
+    Here only the recording thread's calls count (``capture_error_mode="thread_local"``).
+
+    Warm-up and capture run on the side ``stream``, so kernels compile and cuBLAS makes its workspaces
+    outside the graphs. Every capture must use the same ``pool`` and ``stream``: the allocator reuses
+    a freed block only on the stream that allocated it, so graphs recorded on different streams could
+    not share their activations' memory (each would keep its own, about 13 GiB for CTC-large at 12 s).
+    Parameter gradients are returned as the graph's own tensors, which autograd adds to (or copies
+    into) ``.grad``, so gradient accumulation over steps is exact. The previous step's autograd graph
+    must be gone when a new shape is recorded (the recipes keep only detached losses): its parameter
+    nodes would make the capture wait on the default stream, which invalidates it.
     """
 
     def __init__(self, encode, params, x, padding_mask, pool, stream, warmup=2):
@@ -115,8 +120,8 @@ class GraphedEncoding:
     max_graphs : int
         Batch shapes beyond this many run eager (logged once), bounding the graphs' memory.
     capture : callable
-        ``capture(encode, params, x, padding_mask, pool, stream)``, :class:`CapturedStep`; the tests pass a stand-in
-        to run the padding and bucketing on the CPU.
+        ``capture(encode, params, x, padding_mask, pool, stream)``, :class:`CapturedStep`; the tests
+        pass a stand-in to run the padding and bucketing on the CPU.
     """
 
     def __init__(self, encoder, encode=None, frame_multiple=32, batch_multiple=8, max_graphs=64,
@@ -124,7 +129,7 @@ class GraphedEncoding:
         self.encoder, self.eager = encoder, encode or encoder.encode
         self.frame_multiple, self.batch_multiple, self.max_graphs = frame_multiple, batch_multiple, max_graphs
         self.capture = capture
-        self.graphs, self.pool, self.stream = {}, None, None
+        self.graphs, self.pool, self.stream, self.full_logged = {}, None, None, False
 
     def __call__(self, x, padding_mask):
         if not (torch.is_grad_enabled() and self.encoder.training):
@@ -135,9 +140,9 @@ class GraphedEncoding:
         key = (shape, x.shape[2:], x.dtype, x.requires_grad, autocast)
         graphed = self.graphs.get(key)
         if graphed is None and len(self.graphs) >= self.max_graphs:
-            if len(self.graphs) == self.max_graphs:
-                logger.info("%d batch shapes have CUDA graphs (max_graphs); further shapes train eager", self.max_graphs)
-                self.graphs[None] = None  # logged once
+            if not self.full_logged:
+                logger.info("%d batch shapes have CUDA graphs (max_graphs); others train eager", self.max_graphs)
+                self.full_logged = True
             return self.eager(x, padding_mask)
         x_padded, mask_padded = pad_batch(x, padding_mask, *shape)
         if graphed is None:
@@ -151,15 +156,19 @@ class GraphedEncoding:
             self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         enabled, dtype = autocast
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-            return self.capture(self.eager, tuple(self.encoder.parameters()), x, padding_mask, self.pool, self.stream)
+            params = tuple(self.encoder.parameters())
+            return self.capture(self.eager, params, x, padding_mask, self.pool, self.stream)
 
 
 def use_cuda_graphs(speech_encoder, **options):
     """Makes ``speech_encoder``'s training steps replay CUDA graphs (:class:`GraphedEncoding` with
-    ``options``), in place; without CUDA it stays eager. The state_dict does not change."""
+    ``options``), in place. Without CUDA, and in multi-process (DDP) runs, whose gradient hooks and
+    communication streams the graphs have not been tested with, it stays eager (logged). The
+    state_dict does not change."""
     if not torch.cuda.is_available():
         logger.info("cuda_graphs: no CUDA device, the encoder trains eager")
         return
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise ValueError("cuda_graphs is not supported with DDP (several processes): set cuda_graphs: False")
+        logger.info("cuda_graphs: not used in multi-process (DDP) runs yet, the encoder trains eager")
+        return
     speech_encoder.encode = GraphedEncoding(speech_encoder, **options)

@@ -1,5 +1,6 @@
 """The training step that does not wait for the GPU: the running loss (modules/training/running_mean.py),
-RecipeBrain's use of it, and bench/recipe_speed.py timing a real recipe."""
+RecipeBrain's use of it, its skipping of NaN steps on the device, and bench/recipe_speed.py timing a real
+recipe."""
 
 import os
 
@@ -8,7 +9,10 @@ import speechbrain as sb
 import torch
 from recipe_runs import ROOT, run_tiny_ctc
 
-from modules.training.recipe import RecipeBrain
+from hyperpyyaml import load_hyperpyyaml
+
+from modules.models.front_end import encoder_input
+from modules.training.recipe import RecipeBrain, audio_on_device
 from modules.training.running_mean import DeviceRunningMean
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -62,6 +66,81 @@ def test_validation_losses_keep_speechbrains_average():
     brain.step = 2
     assert brain.update_average(torch.tensor(3.0), 1.0) == 2.0
     assert brain.running_loss is None
+
+
+def brain_with_optimizer(fused, device):
+    """A RecipeBrain training one Linear layer on ``device`` with AdamW, fused or not, at its first epoch."""
+    brain = RecipeBrain(
+        modules={"model": torch.nn.Linear(2, 2)},
+        opt_class=lambda params: torch.optim.AdamW(params, lr=0.1, fused=fused),
+        hparams={"epoch_counter": sb.utils.epoch_loop.EpochCounter(1)},
+        run_opts={"device": device, "skip_nonfinite_grads": True},
+    )
+    brain.init_optimizers()
+    brain.hparams.epoch_counter.current = 1
+    brain.nonfinite_count = 0
+    return brain
+
+
+def optimizer_step_with_gradient(brain, value):
+    """Gives every parameter the gradient ``value`` and runs SpeechBrain's optimizer step; returns the
+    parameters before it."""
+    before = [p.detach().clone() for p in brain.modules.parameters()]
+    for p in brain.modules.parameters():
+        p.grad = torch.full_like(p, value)
+    brain.optimizers_step()
+    return before
+
+
+def unchanged(brain, before):
+    return all(torch.equal(p, b) for p, b in zip(brain.modules.parameters(), before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_fused_optimizer_skips_a_nan_step_itself_and_the_host_counts_it_one_step_later(device, caplog):
+    brain = brain_with_optimizer(fused=True, device=device)
+    before = optimizer_step_with_gradient(brain, float("nan"))
+    assert unchanged(brain, before)  # skipped by the fused step, from the device's flag
+    assert brain.nonfinite_count == 0  # not read yet: the host did not wait for the GPU
+    assert all(brain.optimizer.state[p]["step"] == 0 for p in brain.modules.parameters())
+    before = optimizer_step_with_gradient(brain, 1.0)
+    assert not unchanged(brain, before)  # a finite step updates
+    assert brain.nonfinite_count == 1  # the previous step's fault, read at this step
+    assert "Skipped optimizer step 1 (epoch 1): NaN or inf gradient" in caplog.text
+    optimizer_step_with_gradient(brain, float("inf"))
+    brain.on_stage_end(sb.Stage.TRAIN, None, epoch=1)  # the epoch's last step is counted at its end
+    assert brain.nonfinite_count == 2
+    assert "Skipped optimizer step 3 (epoch 1)" in caplog.text
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_optimizers_have_the_host_drop_a_nan_step_at_once(device, caplog):
+    brain = brain_with_optimizer(fused=False, device=device)
+    before = optimizer_step_with_gradient(brain, float("nan"))
+    assert unchanged(brain, before)
+    assert brain.nonfinite_count == 1
+    assert "Skipped optimizer step 1 (epoch 1): NaN or inf gradient" in caplog.text
+    before = optimizer_step_with_gradient(brain, 1.0)
+    assert not unchanged(brain, before) and brain.nonfinite_count == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_training_front_end_queues_its_work_without_waiting_for_the_gpu(tmp_path):
+    with open(os.path.join(ROOT, "hparams", "CTC", "demo_conmamba.yaml"), encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, {"output_folder": str(tmp_path), "data_folder": str(tmp_path)})
+    device = torch.device("cuda")
+    CNN, normalize = hparams["CNN"].to(device).train(), hparams["normalize"].to(device).train()
+    examples = [dict(id=str(i), sig=torch.randn(length)) for i, length in enumerate([16000, 9000, 12345])]
+    for step in range(2):  # the first step may move constants to the device
+        batch = sb.dataio.batch.PaddedBatch(examples).pin_memory()
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            wavs, wav_lens = audio_on_device(batch, device, hparams["speed_perturb"])
+            src, src_lens = encoder_input(hparams["compute_features"], normalize, CNN, wavs, wav_lens,
+                                          augment=hparams["fea_augment"], epoch=hparams["norm_update_until_epoch"])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert src.shape[0] == 3 and src_lens.max() == 1.0
 
 
 def test_recipe_speed_times_the_epochs_of_a_real_recipe(tmp_path):

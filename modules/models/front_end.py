@@ -63,6 +63,7 @@ def exact_features(compute_features, wavs, wav_lens):
     stft = compute_features.compute_STFT
     if not stft.center:
         raise ValueError("exact_features: the STFT must be centred (SpeechBrain's default)")
+    _keep_constants_on(wavs.device, compute_features)
     samples = torch.round(wav_lens * wavs.shape[1])
     frames = torch.div(samples, stft.hop_length, rounding_mode="floor") + 1
     magnitude = spectral_magnitude(stft(wavs))
@@ -71,6 +72,20 @@ def exact_features(compute_features, wavs, wav_lens):
     feats = compute_features.compute_fbanks(magnitude.masked_fill(padding[..., None], 0.0))
     feats = feats.masked_fill(padding[..., None], 0.0)
     return feats, frames / feats.shape[1]
+
+
+def _keep_constants_on(device, compute_features):
+    """Moves the Fbank's constant tensors (the STFT window; the filterbank's frequencies, unless they
+    are trained parameters) to ``device``, once. SpeechBrain keeps them on the CPU and copies them to
+    the device at every call; a copy from ordinary host memory waits until the GPU has run all the work
+    queued before it, so the host could not queue a training step while the GPU runs the previous one."""
+    stft, filterbank = compute_features.compute_STFT, compute_features.compute_fbanks
+    if stft.window.device != device:
+        stft.window = stft.window.to(device)
+    for name in ("f_central", "band", "all_freqs_mat"):
+        value = getattr(filterbank, name)
+        if not isinstance(value, torch.nn.Parameter) and value.device != device:
+            setattr(filterbank, name, value.to(device))
 
 
 def exact_convolutions(CNN, x, lengths):

@@ -26,7 +26,7 @@ from modules.training.data_checks import (
     read_checked_audio,
     read_manifest,
 )
-from modules.training.running_mean import DeviceRunningMean
+from modules.training.running_mean import DeviceRunningMean, HostCopy
 from modules.training.sentencepiece_models import ALPHABET, train_sentencepiece
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ class RecipeBrain(sb.Brain):
 
     nonfinite_loss = None  # on the device: a NaN or inf loss since the last optimizer step (None: none noted)
     running_loss = None  # the epoch's training losses (a DeviceRunningMean), on the device
+    # (HostCopy of the step's (loss faults, gradient faults), its optimizer step number) noted by
+    # check_gradients and not yet counted; None: none
+    pending_faults = None
     # The validation statistic that ranks the checkpoints, kept at validation and averaged at test, in
     # the keyword of SpeechBrain's ``evaluate``: {"min_key": "WER"} or {"max_key": "ACC"}
     best_key = None
@@ -127,9 +130,13 @@ class RecipeBrain(sb.Brain):
 
         SpeechBrain's own check drops only the parameters concerned and counts nothing, so a persistent
         fault would stall training silently. Runs with ``skip_nonfinite_grads: True`` and without fp16's
-        GradScaler, which skips such steps itself. Reading the faults is the one wait for the GPU of an
-        optimizer step.
+        GradScaler, which skips such steps itself. A fused optimizer (``fused: True``, as in every yaml
+        here) skips the step on the device, through the ``found_inf`` flag that GradScaler also sets,
+        and the skip is counted one step later (:meth:`count_pending_faults`), so the host does not wait
+        for the GPU here and can queue the next step while the GPU runs this one's backward. For other
+        optimizers the host reads the faults at once and drops the gradients.
         """
+        self.count_pending_faults()  # the previous step's, long done on the device
         params = [p for p in self.modules.parameters() if p.grad is not None]
         # one fused norm over all gradients (NaN and inf propagate), not a few launches per parameter
         norms = torch._foreach_norm([p.grad for p in params]) if params else []
@@ -137,15 +144,27 @@ class RecipeBrain(sb.Brain):
         faults = torch.stack([self.take_nonfinite_loss(), torch.as_tensor(grad_faults, device=self.device).int()])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(faults)  # the processes must all step, or all skip
-        loss_faults, grad_faults = faults.tolist()
-        if not (loss_faults or grad_faults):
-            return
-        self.count_nonfinite_step("loss" if loss_faults else "gradient")
-        for p in params:
-            p.grad = None
+        self.pending_faults = (HostCopy(faults), self.optimizer_step + 1)
+        if all(group.get("fused") for group in self.optimizer.param_groups):
+            self.optimizer.found_inf = (faults.sum() > 0).float()  # read by the fused step on the device
+        elif self.count_pending_faults():
+            for p in params:
+                p.grad = None
 
-    def count_nonfinite_step(self, what):
-        """Logs a skipped step; stops training after ``nonfinite_patience`` of them in an epoch."""
+    def count_pending_faults(self):
+        """Counts the step noted by :meth:`check_gradients` if it had a NaN or inf loss or gradient, and
+        forgets it; returns whether it had one. Waits for the GPU only if it has not yet run that step."""
+        if self.pending_faults is None:
+            return False
+        (faults, step), self.pending_faults = self.pending_faults, None
+        loss_faults, grad_faults = faults.tolist()
+        if loss_faults or grad_faults:
+            self.count_nonfinite_step("loss" if loss_faults else "gradient", step)
+        return bool(loss_faults or grad_faults)
+
+    def count_nonfinite_step(self, what, step):
+        """Logs skipped optimizer step ``step``; stops training after ``nonfinite_patience`` of them in an
+        epoch."""
         self.nonfinite_count += 1
         epoch = self.hparams.epoch_counter.current
         if self.nonfinite_count > self.nonfinite_patience:
@@ -156,7 +175,7 @@ class RecipeBrain(sb.Brain):
                 "the operation that first gives a NaN."
             )
         logger.warning(
-            f"Skipped optimizer step {self.optimizer_step + 1} (epoch {epoch}): NaN or inf {what} "
+            f"Skipped optimizer step {step} (epoch {epoch}): NaN or inf {what} "
             f"({self.nonfinite_count} of at most {self.nonfinite_patience} skipped steps this epoch)"
         )
 
@@ -181,8 +200,9 @@ class RecipeBrain(sb.Brain):
         """Updates the learning rate (``noam_annealing``) after each optimizer step; counts a NaN or inf
         loss that :meth:`check_gradients` did not read (fp16's GradScaler skipped the step itself)."""
         if should_step:
+            vars(self.optimizer).pop("found_inf", None)  # check_gradients' flag served this step only
             if self.nonfinite_loss is not None and bool(self.take_nonfinite_loss()):  # not read by check_gradients
-                self.count_nonfinite_step("loss")
+                self.count_nonfinite_step("loss", self.optimizer_step)
             self.hparams.noam_annealing(self.optimizer)
 
     def build_test_search(self, **run_time_arguments):
@@ -199,6 +219,8 @@ class RecipeBrain(sb.Brain):
     def on_stage_end(self, stage, stage_loss, epoch):
         """Keeps the training loss; after validation logs the epoch and saves a checkpoint, keeping the
         ``avg_checkpoints`` best by :attr:`best_key`; after a test logs and writes the WER."""
+        if stage == sb.Stage.TRAIN:
+            self.count_pending_faults()  # the epoch's last step
         if stage == sb.Stage.TRAIN and self.running_loss is not None:
             stage_loss, self.running_loss = self.running_loss.mean(), None  # exact, all steps read
         stage_stats = {"loss": stage_loss}

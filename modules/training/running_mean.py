@@ -1,12 +1,32 @@
-"""The running mean of the training losses, kept where they are computed so the host never waits for the GPU.
+"""Reading values computed on the GPU without making the host wait for it.
 
 SpeechBrain reads every training loss back to the host as soon as its step is queued (``loss.cpu()``),
 which makes the host wait until the GPU has run the whole step: the GPU then idles while the host
-prepares and queues the next one. :class:`DeviceRunningMean` sums the losses on their device and reads
-the sums one step late, from a copy to host memory that the GPU makes when it gets there.
+prepares and queues the next one. A :class:`HostCopy` is made by the GPU when it gets there and read
+later; :class:`DeviceRunningMean` sums the losses on their device and reads the sums one step late.
 """
 
 import torch
+
+
+class HostCopy:
+    """A tensor's values in host memory, copied by its device when it gets there: reading them waits only
+    for the work queued before the copy (none once the device has run it), not for the work queued since."""
+
+    def __init__(self, tensor):
+        tensor = tensor.detach()
+        if tensor.device.type == "cuda":
+            self.host = tensor.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = tensor.clone(), None
+
+    def tolist(self):
+        """The values, as Python numbers."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class DeviceRunningMean:
@@ -28,7 +48,7 @@ class DeviceRunningMean:
     def __init__(self, start_mean=0.0, start_count=0):
         self.start = (start_mean * start_count, float(start_count))
         self.totals = None  # (sum, count) of the finite values, on the device
-        self.in_flight = None  # (host copy of totals, event marking the copy's completion or None)
+        self.in_flight = None  # a HostCopy of the totals
         self.latest = start_mean
 
     def add(self, value):
@@ -40,27 +60,16 @@ class DeviceRunningMean:
         else:
             self.totals = self.totals + totals
         if self.in_flight is not None:
-            self.latest = self._mean(*self.in_flight)
-        self.in_flight = self._copy_to_host(self.totals)
+            self.latest = self._mean(self.in_flight)
+        self.in_flight = HostCopy(self.totals)
         return self.latest
 
     def mean(self):
         """The exact mean of all the values added (waits for the device)."""
         if self.totals is None:
             return self.latest
-        return self._mean(self.totals.cpu(), None)
+        return self._mean(HostCopy(self.totals))
 
-    @staticmethod
-    def _copy_to_host(totals):
-        if totals.device.type != "cuda":
-            return totals.clone(), None
-        host = totals.to("cpu", non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-
-    def _mean(self, totals, event):
-        if event is not None:
-            event.synchronize()  # the copy is done: everything queued before it, not after
-        total, count = totals.tolist()
+    def _mean(self, copy):
+        total, count = copy.tolist()
         return total / count if count else self.latest

@@ -17,7 +17,7 @@ import torch
 from modules.models.conformer import ConformerEncoder
 from modules.models.conmamba import ConMambaEncoder
 from modules.models.speech_encoder import SpeechEncoder
-from modules.training.cuda_graphs import GraphedEncoding, pad_batch, use_cuda_graphs
+from modules.training.cuda_graphs import FlatGradients, GraphedEncoding, pad_batch, use_cuda_graphs
 from modules.training.recipe import speed_up_training
 
 ENCODERS = {
@@ -110,6 +110,23 @@ def test_one_graph_a_bucket_and_eager_past_max_graphs_or_without_gradients(caplo
     model.eval()
     model(*batch(3, 40))
     assert len(recorder.shapes) == 2
+
+
+def test_flat_gradients_set_then_accumulate_the_parameters_gradients_and_skip_unused_ones():
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(3, 4), (5,), (2,)]]
+    grads = [torch.randn(3, 4), torch.randn(5), None]  # the third parameter is unused
+    flat = FlatGradients(params, grads)
+    flat.add_to_parameters()
+    torch.testing.assert_close(params[0].grad, grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(params[1].grad, grads[1], rtol=0, atol=0)
+    assert params[2].grad is None
+    params[1].grad = None  # an optimizer step zeroed it
+    flat.flat.mul_(2)  # the next replay overwrites the buffer: the gradients handed out stay
+    flat.add_to_parameters()
+    torch.testing.assert_close(params[0].grad, 3 * grads[0])  # accumulated, as autograd does
+    torch.testing.assert_close(params[1].grad, 2 * grads[1])
+    with pytest.raises(ValueError, match="one dtype"):
+        FlatGradients(params[:2], [grads[0], grads[1].double()])
 
 
 def test_the_recipes_apply_one_speed_option_and_stay_eager_without_cuda_or_with_ddp(monkeypatch):

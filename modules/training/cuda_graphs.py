@@ -11,7 +11,7 @@ frames are masked, and a padded utterance is one valid zero frame (a fully maske
 attention NaNs), whose output is cut off before the loss, so it receives no gradient. The graphs are
 recorded by :class:`CapturedStep` and share one memory pool: a graph's activations live
 only from its forward to its backward, within one training step, so the graphs of other shapes may
-reuse that memory. What each graph keeps is its inputs, outputs and one gradient per parameter.
+reuse that memory. What each graph keeps is its inputs, outputs and its parameters' gradients.
 
 Only training steps (gradients on, module in training mode) run graphed, one encoder call per
 backward; validation, test and inference run eager.
@@ -55,10 +55,14 @@ class CapturedStep:
     outside the graphs. Every capture must use the same ``pool`` and ``stream``: the allocator reuses
     a freed block only on the stream that allocated it, so graphs recorded on different streams could
     not share their activations' memory (each would keep its own, about 13 GiB for CTC-large at 12 s).
-    Parameter gradients are returned as the graph's own tensors, which autograd adds to (or copies
-    into) ``.grad``, so gradient accumulation over steps is exact. The previous step's autograd graph
-    must be gone when a new shape is recorded (the recipes keep only detached losses): its parameter
-    nodes would make the capture wait on the default stream, which invalidates it.
+    The backward graph also gathers the parameter gradients into one flat buffer, which each step
+    copies once and hands out as views (:class:`FlatGradients`): letting autograd accumulate them
+    would cost a clone or an addition per parameter, about 760 host operations a CTC-large step. The
+    parameters' gradient hooks therefore do not run (the recipes' DDP runs stay eager).
+
+    The previous step's autograd graph must be gone when a new shape is recorded (the recipes keep
+    only detached losses): its parameter nodes would make the capture wait on the default stream,
+    which invalidates it.
     """
 
     def __init__(self, encode, params, x, padding_mask, pool, stream, warmup=2):
@@ -77,9 +81,10 @@ class CapturedStep:
             self.grad_out = torch.empty_like(out)
             with torch.cuda.graph(self.backward_graph, **record):
                 grads = torch.autograd.grad(out, inputs, self.grad_out, allow_unused=True)
+                self.grad_x, grad_params = (grads[0], grads[1:]) if x.requires_grad else (None, grads)
+                self.grad_params = FlatGradients(self.params, grad_params)
         torch.cuda.current_stream().wait_stream(stream)
         self.out = out.detach()
-        self.grad_x, self.grad_params = (grads[0], grads[1:]) if x.requires_grad else (None, grads)
 
     def __call__(self, x, padding_mask):
         return _Replay.apply(self, x, padding_mask, *self.params)
@@ -102,7 +107,47 @@ class _Replay(torch.autograd.Function):
         step = ctx.step
         step.grad_out.copy_(grad)
         step.backward_graph.replay()
-        return (None, step.grad_x, None, *step.grad_params)
+        step.grad_params.add_to_parameters()
+        return (None, step.grad_x, None) + (None,) * len(step.params)  # the parameters' are given above
+
+
+class FlatGradients:
+    """Parameter gradients gathered into one flat buffer, ``flat``, and added to the parameters' ``.grad``
+    by :meth:`add_to_parameters` (set where it is None), from one copy of the buffer: one copy and a
+    few launches a step instead of one autograd accumulation (a clone or an addition) per parameter.
+
+    Arguments
+    ---------
+    params : sequence of torch.nn.Parameter
+        The parameters.
+    grads : sequence of torch.Tensor or None
+        Their gradients (None: unused, the parameter's ``.grad`` is left as it is), of one dtype.
+    """
+
+    def __init__(self, params, grads):
+        self.params = [p for p, g in zip(params, grads) if g is not None]
+        used = [g for g in grads if g is not None]
+        dtypes = {g.dtype for g in used}
+        if len(dtypes) > 1:
+            raise ValueError(f"FlatGradients: the gradients must share one dtype, not {sorted(map(str, dtypes))}")
+        self.sizes = [g.numel() for g in used]
+        self.flat = torch.cat([g.reshape(-1) for g in used]) if used else None
+
+    def add_to_parameters(self):
+        """Adds the buffer's current gradients to the parameters' ``.grad`` (gradients accumulate over
+        steps as autograd's do); the buffer may then be overwritten."""
+        if self.flat is None:
+            return
+        grads = self.flat.clone().split(self.sizes)
+        accumulated, added = [], []
+        for param, grad in zip(self.params, grads):
+            if param.grad is None:
+                param.grad = grad.view_as(param)
+            else:
+                accumulated.append(param.grad)
+                added.append(grad.view_as(param))
+        if accumulated:
+            torch._foreach_add_(accumulated, added)
 
 
 class GraphedEncoding:

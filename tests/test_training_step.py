@@ -131,13 +131,17 @@ def test_the_training_front_end_queues_its_work_without_waiting_for_the_gpu(tmp_
     device = torch.device("cuda")
     CNN, normalize = hparams["CNN"].to(device).train(), hparams["normalize"].to(device).train()
     examples = [dict(id=str(i), sig=torch.randn(length)) for i, length in enumerate([16000, 9000, 12345])]
-    for step in range(2):  # the first step may move constants to the device
+    for resampler in hparams["speed_perturb"].resamplers:  # each builds its filter at its first call
+        resampler.to(device)(torch.zeros(1, 16000, device=device))
+    # the first step moves constants to the device and starts the normalizer's statistics (SpeechBrain's
+    # update waits for the GPU: it ends after the first epochs); the second must not wait
+    for epoch in (0, hparams["norm_update_until_epoch"]):
         batch = sb.dataio.batch.PaddedBatch(examples).pin_memory()
-        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        torch.cuda.set_sync_debug_mode("error" if epoch else "default")
         try:
             wavs, wav_lens = audio_on_device(batch, device, hparams["speed_perturb"])
             src, src_lens = encoder_input(hparams["compute_features"], normalize, CNN, wavs, wav_lens,
-                                          augment=hparams["fea_augment"], epoch=hparams["norm_update_until_epoch"])
+                                          augment=hparams["fea_augment"], epoch=epoch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert src.shape[0] == 3 and src_lens.max() == 1.0

@@ -86,6 +86,7 @@ def _keep_constants_on(device, compute_features):
         value = getattr(filterbank, name)
         if not isinstance(value, torch.nn.Parameter) and value.device != device:
             setattr(filterbank, name, value.to(device))
+    filterbank.device_inp = device  # where the filterbank makes its own constants
 
 
 def exact_convolutions(CNN, x, lengths):

@@ -73,7 +73,7 @@ def brain_with_optimizer(fused, device):
     brain = RecipeBrain(
         modules={"model": torch.nn.Linear(2, 2)},
         opt_class=lambda params: torch.optim.AdamW(params, lr=0.1, fused=fused),
-        hparams={"epoch_counter": sb.utils.epoch_loop.EpochCounter(1)},
+        hparams={"epoch_counter": sb.utils.epoch_loop.EpochCounter(1), "noam_annealing": lambda optimizer: None},
         run_opts={"device": device, "skip_nonfinite_grads": True},
     )
     brain.init_optimizers()
@@ -122,6 +122,17 @@ def test_other_optimizers_have_the_host_drop_a_nan_step_at_once(device, caplog):
     assert "Skipped optimizer step 1 (epoch 1): NaN or inf gradient" in caplog.text
     before = optimizer_step_with_gradient(brain, 1.0)
     assert not unchanged(brain, before) and brain.nonfinite_count == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_nan_loss_that_gradscaler_skipped_is_counted_one_step_later(device, caplog):
+    brain = brain_with_optimizer(fused=True, device=device)  # fp16: check_gradients does not run
+    for step, loss in enumerate([float("nan"), 1.0], start=1):
+        brain.check_loss_isfinite(torch.tensor(loss, device=device))
+        brain.optimizer_step = step  # SpeechBrain's count, after the step
+        brain.on_fit_batch_end(None, None, None, should_step=True)
+        assert brain.nonfinite_count == step - 1  # read at the next step, not at once
+    assert "Skipped optimizer step 1 (epoch 1): NaN or inf loss" in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -197,12 +197,16 @@ class RecipeBrain(sb.Brain):
         return loader
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Updates the learning rate (``noam_annealing``) after each optimizer step; counts a NaN or inf
-        loss that :meth:`check_gradients` did not read (fp16's GradScaler skipped the step itself)."""
+        """Updates the learning rate (``noam_annealing``) after each optimizer step; notes a NaN or inf
+        loss that :meth:`check_gradients` did not read (fp16's GradScaler skipped the step itself), to be
+        counted one step later as that method's are."""
         if should_step:
             vars(self.optimizer).pop("found_inf", None)  # check_gradients' flag served this step only
-            if self.nonfinite_loss is not None and bool(self.take_nonfinite_loss()):  # not read by check_gradients
-                self.count_nonfinite_step("loss", self.optimizer_step)
+            if self.nonfinite_loss is not None:  # not read by check_gradients
+                self.count_pending_faults()
+                no_gradient_faults = torch.zeros((), dtype=torch.int, device=self.device)
+                faults = torch.stack([self.take_nonfinite_loss(), no_gradient_faults])
+                self.pending_faults = (HostCopy(faults), self.optimizer_step)
             self.hparams.noam_annealing(self.optimizer)
 
     def build_test_search(self, **run_time_arguments):

@@ -51,11 +51,11 @@ def signature(kernel, constants):
     return types, values, aligned
 
 
-def compile_report(kernel, constants, num_warps):
+def compile_report(kernel, constants, num_warps, maxnreg=None):
     """(registers, spill bytes, SASS opcode counts) of ``kernel`` compiled for sm_90."""
     types, values, aligned = signature(kernel, constants)
     compiled = triton.compile(ASTSource(kernel, types, values, aligned), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps})
+                              options={"num_warps": num_warps, "maxnreg": maxnreg})
     cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))[0]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -77,12 +77,12 @@ def reports():
         "forward": compile_report(
             scan_triton.scan_forward_kernel,
             dict(common, h0_ptr=None, HAS_H0=False, ATOMIC_OUT=True, BLOCK_D=forward["BLOCK_D"], SPLIT=forward["SPLIT"]),
-            forward["num_warps"]),
+            forward["num_warps"], forward.get("maxnreg")),
         "backward": compile_report(
             scan_triton.scan_backward_kernel,
             dict(common, grad_last_ptr=None, HAS_GRAD_LAST=False, BLOCK_D=backward["BLOCK_D"], SPLIT=backward["SPLIT"],
                  SEGMENTED=False),
-            backward["num_warps"]),
+            backward["num_warps"], backward.get("maxnreg")),
     }
 
 

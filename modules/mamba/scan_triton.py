@@ -46,6 +46,8 @@ BLOCK_T = 16
 # Channels, warps and state parts (SPLIT programs share a channel block) per program of each pass, from
 # `bench/scan_kernels.py --sweep` on an H200: one warp of 32 channels was the fastest at every shape;
 # splitting the states in two gains 2-5 % in the forward and loses in the backward (atomics).
+# An optional ``maxnreg`` caps the registers a thread (the backward needs 255 uncapped, so 8 one-warp programs
+# share a multiprocessor; a cap lets more share it, at the price of spills): the sweep tries some.
 FORWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=2)
 BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
 # A backward launch of fewer programs than SEGMENT_BELOW (long rows in small batches: 4 one-warp programs
@@ -473,7 +475,7 @@ def _scan_forward(
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
         HAS_H0=h0 is not None, ATOMIC_OUT=atomic, BLOCK_D=FORWARD["BLOCK_D"], num_warps=FORWARD["num_warps"],
-        SPLIT=split,
+        maxnreg=FORWARD.get("maxnreg"), SPLIT=split,
     )
     return out.to(u.dtype), last.transpose(1, 2), checkpoints  # (batch, channels, state), a view: no copy
 
@@ -571,7 +573,8 @@ def _scan_backward(
         *grad_u.stride(), *grad_B.stride(), *_strides(grad_z, 3),
         scale, N=state, BLOCK_T=BLOCK_T, BIDIRECTIONAL=bidirectional,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_Z=z is not None,
-        HAS_GRAD_LAST=grad_last is not None, BLOCK_D=block_d, num_warps=BACKWARD["num_warps"], SPLIT=split,
+        HAS_GRAD_LAST=grad_last is not None, BLOCK_D=block_d, num_warps=BACKWARD["num_warps"],
+        maxnreg=BACKWARD.get("maxnreg"), SPLIT=split,
         SEGMENTED=segments > 1,
     )
     return (

@@ -143,7 +143,7 @@ def sweep():
     BLOCK_T (the checkpoint interval) is not swept: it trades the backward's speed for memory."""
     configs = [dict(BLOCK_D=d, num_warps=w, SPLIT=split)
                for d, w, split in ((16, 1, 1), (32, 1, 1), (32, 1, 2), (32, 1, 4), (64, 1, 2), (64, 2, 2))]
-    configs += [dict(configs[1], maxnreg=cap) for cap in (224, 168)]  # 9 or 12 one-warp programs a multiprocessor
+    configs += [dict(configs[1], maxnreg=cap) for cap in (224, 200)]  # 9 or 10 one-warp programs a multiprocessor
     totals = {}  # (pass, index) -> ms summed over the shapes
     for name, shape in SHAPES.items():
         inputs = layer_inputs(*shape)

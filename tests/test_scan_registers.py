@@ -26,3 +26,7 @@ def test_the_forward_keeps_states_in_registers_and_nothing_spills():
     # sums over states stay inside a thread: no shuffles, barriers or shared memory in the forward
     assert forward["SHFL"] == forward["BAR"] == forward["LDS"] == forward["STS"] == 0
     assert forward["MUFU"] > 0 and forward_registers <= 255
+    # the backward, capped at 224 registers (scan_triton.BACKWARD), keeps a dozen values in local memory;
+    # many more would mean its states left the registers
+    backward_registers, _, backward = results["backward"]
+    assert backward_registers <= 224 and backward["LDL"] <= 16

@@ -46,10 +46,11 @@ BLOCK_T = 16
 # Channels, warps and state parts (SPLIT programs share a channel block) per program of each pass, from
 # `bench/scan_kernels.py --sweep` on an H200: one warp of 32 channels was the fastest at every shape;
 # splitting the states in two gains 2-5 % in the forward and loses in the backward (atomics).
-# An optional ``maxnreg`` caps the registers a thread (the backward needs 255 uncapped, so 8 one-warp programs
-# share a multiprocessor; a cap lets more share it, at the price of spills): the sweep tries some.
+# An optional ``maxnreg`` caps the registers a thread. The backward needs 255 uncapped, so 8 one-warp
+# programs share a multiprocessor; capped at 224 (9 share it, at 12 spilled loads and stores) it was 3-5 %
+# faster at all three shapes of the sweep (same-process A/B, H200: 1.486 -> 1.412 ms at CTC-large 12 s).
 FORWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=2)
-BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1)
+BACKWARD = dict(BLOCK_D=32, num_warps=1, SPLIT=1, maxnreg=224)
 # A backward launch of fewer programs than SEGMENT_BELOW (long rows in small batches: 4 one-warp programs
 # a multiprocessor of an H200) splits each row into time segments, walked at once from the adjoints the
 # later segments send back, to about SEGMENTED_PROGRAMS programs. Same-process A/B on an H200, forward +

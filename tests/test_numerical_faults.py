@@ -22,11 +22,13 @@ pytestmark = pytest.mark.reliability
 
 DRIVER = """
 import os, runpy, sys
-import speechbrain.nnet.losses
+script = sys.argv[1]
+sys.path.insert(0, os.path.dirname(script))  # the repository, whose modules the recipe imports
+import modules.training.ctc
 import torch
 
 faults = dict(fault.split(":") for fault in os.environ["NAN_FAULTS"].split(","))
-ctc_loss = speechbrain.nnet.losses.ctc_loss
+ctc_loss = modules.training.ctc.ctc_loss
 train_batches = 0
 
 def faulty_ctc_loss(*args, **kwargs):
@@ -42,9 +44,7 @@ def faulty_ctc_loss(*args, **kwargs):
         loss.register_hook(lambda grad: grad * float("nan"))  # finite loss, NaN gradients
     return loss
 
-speechbrain.nnet.losses.ctc_loss = faulty_ctc_loss  # before the yaml names it
-script = sys.argv[1]
-sys.path.insert(0, os.path.dirname(script))
+modules.training.ctc.ctc_loss = faulty_ctc_loss  # before the yaml names it
 sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
 """

@@ -97,6 +97,17 @@ def test_large_vocabulary_and_long_target():
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_targets_holding_the_blank_id():
+    """Our tokenizers' <unk> is the blank's id: a target holding it scores, as in F.ctc_loss, a label
+    state that emits the blank, and the blank's gradient sums the blank and those label states."""
+    logits, targets, _, _, input_lens, target_lens = make_batch([10, 8], [4, 3], 10, 6, 4, 0)
+    targets[0, 1], targets[1, 0] = 0, 0
+    loss, grad = ours(logits, targets, input_lens, target_lens, 0, "none")
+    expected, expected_grad = reference(logits, targets, input_lens, target_lens, 0, "none")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_infeasible_rows_give_zero_loss_and_gradient():
     """Row 0: three equal labels need 5 frames, it has 4; row 1: four labels in 3 frames; row 2 feasible."""
     logits, targets, _, _, input_lens, target_lens = make_batch([4, 3, 6], [3, 4, 2], 6, 5, 4, 0)

@@ -141,7 +141,9 @@ def ctc_backward_kernel(
     s = tl.arange(0, BLOCK_S)
     target_row = targets_ptr + b.to(tl.int64) * s_tb
     label, valid, is_label, _, skip_from = _extended_labels(target_row, s, labels, blank, s_tl)
-    is_blank = valid & ~is_label
+    # states that emit the blank: the blank states, and label states of a target that holds the blank's id
+    # (our tokenizers' <unk> is the blank): their symbol's gradient is one sum, stored once
+    emits_blank = valid & (label == blank)
     lp_lane = lp_ptr + b.to(tl.int64) * s_lb + label * s_lv
     alpha_lane = alpha_ptr + b.to(tl.int64) * s_ab + s
     grad_row = grad_ptr + b.to(tl.int64) * s_gb
@@ -157,7 +159,7 @@ def ctc_backward_kernel(
     sorted_symbol = key // BLOCK_L
     sorted_state = 2 * (key % BLOCK_L) + 1
     remaining, _ = tl.associative_scan((tl.full([BLOCK_L], 1, tl.int32), sorted_symbol), 0, _run_sum, reverse=True)
-    run_end = in_target & (remaining == 1)  # the last of its run: it stores the run's sum
+    run_end = in_target & (remaining == 1) & (sorted_symbol != blank)  # the last of its run stores the run's sum
 
     beta_end = tl.where(valid & (s >= states - 2), 0.0, NEG_INF)  # frame T_b - 1: the two final states
     last = frames - 1
@@ -175,7 +177,7 @@ def ctc_backward_kernel(
         e = lp + beta
         gamma = tl.exp(alpha + beta + nll)
         frame_grad = grad_row + t * s_gt
-        tl.store(frame_grad + blank * s_gv, (scale * tl.sum(tl.where(is_blank, gamma, 0.0), 0)).to(
+        tl.store(frame_grad + blank * s_gv, (scale * tl.sum(tl.where(emits_blank, gamma, 0.0), 0)).to(
             grad_ptr.dtype.element_ty))
         here = scratch + (t % 2) * (2 * BLOCK_S)
         tl.store(here + s, e, mask=valid)

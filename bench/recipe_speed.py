@@ -3,12 +3,18 @@
     python bench/recipe_speed.py train_CTC.py hparams/CTC/conmamba_large.yaml --data_folder D --number_of_epochs 2
     python bench/recipe_speed.py --syncs train_CTC.py ...   # also: where the training steps wait for the GPU
     python bench/recipe_speed.py --profile 45:3 train_CTC.py ...   # also: operators of steps 45-47
+    python bench/recipe_speed.py --settle 8 train_CTC.py ...   # steady figures from each epoch's step 9
 
 Runs the training script in this process, unchanged (any recipe built on ``RecipeBrain``), and times each
 epoch's training stage from the start of its first step to the end of its last, the GPU's queued work
 included. On CUDA it samples NVML's utilisation every 50 ms (the share of the last sampling period in
 which a kernel ran) and reports its mean over each training stage: below 100 % the GPU waited for the
 host (data loading, Python, launches, synchronisations).
+
+Each epoch's first steps wait for the loader's workers to start and read their first batches, a fixed
+cost of each epoch that a small corpus's few steps magnify (a LibriSpeech epoch has thousands of steps).
+So the rate and utilisation are also given for the steady part of each epoch: after its first
+``--settle`` steps.
 
 With ``--syncs`` every host-device synchronisation made inside a training step is counted by the line
 of code that made it (``torch.cuda.set_sync_debug_mode``); a sync stops the host from queueing work
@@ -141,13 +147,15 @@ def instrument(epochs, syncs, profiler=None):
     def timed_fit_batch(brain, batch):
         now = time.perf_counter()
         if not current:
-            current.update(epoch=brain.hparams.epoch_counter.current, start=now, steps=0, between=0.0, step=0.0)
+            current.update(epoch=brain.hparams.epoch_counter.current, start=now, steps=0, between=0.0, step=0.0,
+                           step_ends=[], waits=[])
             current.update({phase: 0.0 for phase in PHASES}, last=now)
             for phase in PHASES:
                 if not hasattr(getattr(brain, phase), "__wrapped_phase__"):
                     setattr(brain, phase, timed(phase, getattr(brain, phase)))
                     getattr(brain, phase).__wrapped_phase__ = True
         current["between"] += now - current["last"]  # the loader's next batch, the loop's bookkeeping
+        current["waits"].append(current["between"])
         if profiler is not None:
             profiler.before_step()
         with syncs if syncs is not None else contextlib.nullcontext():
@@ -157,6 +165,7 @@ def instrument(epochs, syncs, profiler=None):
         current["last"] = time.perf_counter()
         current["step"] += current["last"] - now
         current["steps"] += 1
+        current["step_ends"].append(current["last"])
         if syncs is not None:
             syncs.steps += 1
         return loss
@@ -172,15 +181,28 @@ def instrument(epochs, syncs, profiler=None):
     RecipeBrain.fit_batch, RecipeBrain.on_stage_end = timed_fit_batch, timed_on_stage_end
 
 
-def report(epochs, sampler, syncs, profiler=None):
-    """The results as text lines."""
+def report(epochs, sampler, syncs, profiler=None, settle=5):
+    """The results as text lines; the last two columns leave out each epoch's first ``settle`` steps."""
+
+    def utilisation(start, end):
+        mean = sampler.mean_between(start, end) if sampler else None
+        return f"{mean:.0f} %" if mean is not None else "n/a"
+
     lines = list(profiler.tables) if profiler is not None else []
-    lines += ["| epoch | training steps | seconds | steps/s | mean GPU utilisation |", "|---|---|---|---|---|"]
+    lines += [
+        "| epoch | training steps | seconds | steps/s | mean GPU utilisation | steady steps/s | steady GPU utilisation |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for e in epochs:
         seconds = e["end"] - e["start"]
-        utilisation = sampler.mean_between(e["start"], e["end"]) if sampler else None
-        shown = f"{utilisation:.0f} %" if utilisation is not None else "n/a"
-        lines.append(f"| {e['epoch']} | {e['steps']} | {seconds:.2f} | {e['steps'] / seconds:.2f} | {shown} |")
+        row = f"| {e['epoch']} | {e['steps']} | {seconds:.2f} | {e['steps'] / seconds:.2f} | "
+        row += utilisation(e["start"], e["end"])
+        if e["steps"] > settle:
+            settled = e["step_ends"][settle - 1] if settle else e["start"]
+            row += f" | {(e['steps'] - settle) / (e['end'] - settled):.2f} | {utilisation(settled, e['end'])} |"
+        else:
+            row += " | n/a | n/a |"
+        lines.append(row)
     if epochs:
         e = epochs[-1]
         per_step = {phase: 1e3 * e[phase] / e["steps"] for phase in PHASES}
@@ -190,6 +212,9 @@ def report(epochs, sampler, syncs, profiler=None):
         lines.append(f"host time per step of epoch {e['epoch']}, without waiting for the GPU unless a phase syncs "
                      f"(wall {wall:.1f} ms a step):")
         lines += [f"  {ms:7.1f} ms  {phase}" for phase, ms in per_step.items()]
+        if e["steps"] > settle:
+            steady = e["between"] - (e["waits"][settle - 1] if settle else 0.0)
+            lines.append(f"  {1e3 * steady / (e['steps'] - settle):7.1f} ms  between steps after the first {settle}")
     if syncs is not None:
         steps = syncs.steps or 1
         lines.append(f"host-device synchronisations inside training steps, per step ({steps} steps):")
@@ -205,6 +230,8 @@ def main():
     parser.add_argument("--syncs", action="store_true", help="count the synchronisations of the training steps")
     parser.add_argument("--profile", metavar="FIRST:COUNT", help="profile COUNT training steps from step FIRST (of the "
                         "run, from 1): the operators by host time and by GPU time")
+    parser.add_argument("--settle", type=int, default=5, metavar="N", help="the steady columns leave out each "
+                        "epoch's first N steps (default 5), which wait for the loader's workers to start")
     parser.add_argument("script", help="the training script, e.g. train_CTC.py")
     parser.add_argument("arguments", nargs=argparse.REMAINDER, help="its yaml file and overrides")
     args = parser.parse_args()
@@ -225,7 +252,7 @@ def main():
     finally:
         if sampler:
             sampler.running = False
-        print("\n".join(report(epochs, sampler, syncs, profiler)), flush=True)
+        print("\n".join(report(epochs, sampler, syncs, profiler, args.settle)), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ not depend on the rest of its batch:
 
 * :func:`exact_features`: frames = samples // hop + 1 (SpeechBrain's centred STFT); the dB floor is taken
   over the valid frames only; padded frames are zero.
-* :func:`exact_convolutions`: before each convolution of the front-end, the frame just past each
+* :class:`ConvolutionFrontEnd`: before each convolution of the front-end, the frame just past each
   utterance holds the utterance's own reflection (what ``Conv2d``'s reflect padding gives it alone) and
   later frames are zero; output frames = floor((frames + 2 * pad - kernel) / stride) + 1.
 
@@ -89,75 +89,82 @@ def _keep_constants_on(device, compute_features):
     filterbank.device_inp = device  # where the filterbank makes its own constants
 
 
-def exact_convolutions(CNN, x, lengths):
-    """SpeechBrain's ``ConvolutionFrontEnd`` on a padded batch, each utterance's output as if alone.
+class ConvolutionFrontEnd(convolution.ConvolutionFrontEnd):
+    """SpeechBrain's ``ConvolutionFrontEnd`` (same arguments and parameters) that, given relative lengths,
+    convolves each utterance as if it were alone and returns (output, exact relative lengths); without
+    lengths, it is SpeechBrain's. A module of its own, so that the recipes call it through DDP's wrapper.
 
-    Arguments
-    ---------
-    CNN : speechbrain.lobes.models.convolution.ConvolutionFrontEnd
-        Blocks of ``Conv2d`` layers with ``padding="same"``, without residual connections.
-    x : torch.Tensor
-        Features (batch, frames, channels...).
-    lengths : torch.Tensor
-        Relative lengths (batch,) of x, exact (e.g. from :func:`exact_features`).
-
-    Returns
-    -------
-    output : torch.Tensor
-        The front-end's output (batch, frames_out, ...).
-    out_lens : torch.Tensor
-        Relative lengths (batch,) that round to each utterance's exact output frame count.
+    The module docstring says how; blocks of ``Conv2d`` layers with ``padding="same"``, without residual
+    connections, are supported.
 
     Example
     -------
-    >>> from speechbrain.lobes.models.convolution import ConvolutionFrontEnd
     >>> cnn = ConvolutionFrontEnd([None, None, 8], num_blocks=2, num_layers_per_block=1,
     ...     out_channels=(4, 4), kernel_sizes=(3, 3), strides=(2, 2), residuals=(False, False)).eval()
     >>> x = torch.randn(2, 13, 8)
-    >>> out, out_lens = exact_convolutions(cnn, x, torch.tensor([1.0, 5 / 13]))
-    >>> alone, _ = exact_convolutions(cnn, x[1:, :5], torch.ones(1))
-    >>> (out_lens * out.shape[1]).round().tolist(), alone.shape[1]
-    ([4.0, 2.0], 2)
+    >>> out, out_lens = cnn(x, torch.tensor([1.0, 5 / 13]))
+    >>> alone, _ = cnn(x[1:, :5], torch.ones(1))
+    >>> (out_lens * out.shape[1]).round().tolist(), alone.shape[1], cnn.output_frames(5)
+    ([4.0, 2.0], 2, 2)
     >>> torch.allclose(out[1, :2], alone[0], atol=1e-6)
     True
-    """
-    frames = torch.round(lengths * x.shape[1])
-    for block in CNN.children():
-        if block.reduce_conv is not None:
-            raise NotImplementedError("exact_convolutions: residual front-end blocks are not supported")
-        for layer in block.convs.children():
-            if isinstance(layer, Conv2d):
-                x, frames = _convolve_valid_frames(layer, x, frames)
-            else:
-                x = layer(x)
-    return x, frames / x.shape[1]
-
-
-class ConvolutionFrontEnd(convolution.ConvolutionFrontEnd):
-    """SpeechBrain's ``ConvolutionFrontEnd`` (same arguments and parameters) that, given relative lengths,
-    runs as :func:`exact_convolutions` and returns (output, exact relative lengths); without lengths, it
-    is SpeechBrain's. A module of its own, so that the recipes call it through DDP's wrapper.
     """
 
     def forward(self, x, lengths=None):
         if lengths is None:
             return super().forward(x)
-        return exact_convolutions(self, x, lengths)
+        frames = torch.round(lengths * x.shape[1])
+        output = self.encode(x, torch.arange(x.shape[1], device=x.device) >= frames[:, None])
+        return output, self.output_frames(frames) / output.shape[1]
+
+    def encode(self, x, padding_mask):
+        """The output (batch, frames_out, ...) of features x (batch, frames, ...) whose padded frames are
+        True in ``padding_mask``: the part of :meth:`forward` that
+        :func:`modules.training.cuda_graphs.use_cuda_graphs` records as one graph."""
+        frames = padding_mask.logical_not().sum(dim=1)
+        for block in self.children():
+            if block.reduce_conv is not None:
+                raise NotImplementedError("ConvolutionFrontEnd: residual blocks are not supported")
+            for layer in block.convs.children():
+                if isinstance(layer, Conv2d):
+                    x = _convolve_valid_frames(layer, x, frames)
+                    frames = _output_frames(layer, frames)
+                else:
+                    x = layer(x)
+        return x
+
+    def output_frames(self, frames):
+        """The number of output frames of ``frames`` valid input frames (an int or a tensor)."""
+        for block in self.children():
+            for layer in block.convs.children():
+                if isinstance(layer, Conv2d):
+                    frames = _output_frames(layer, frames)
+        return frames
 
 
-def _convolve_valid_frames(conv, x, frames):
-    """One ``Conv2d`` (time on axis 1 of x) on the valid frames of each row -> (output, output frames)."""
+def _time_padding(conv):
+    """The frames that the ``padding="same"`` Conv2d ``conv`` pads on each side of the time axis."""
     if conv.padding != "same":
-        raise ValueError(f"exact_convolutions: only padding='same' is supported, not {conv.padding!r}")
+        raise ValueError(f"ConvolutionFrontEnd: only padding='same' is supported, not {conv.padding!r}")
     kernel, stride, dilation = conv.kernel_size[-1], conv.stride[-1], conv.dilation[-1]
     pad = kernel // 2 if stride > 1 else dilation * (kernel - 1) // 2  # SpeechBrain's get_padding_elem
     if pad > 1:
-        raise NotImplementedError("exact_convolutions: at most one frame of time padding is supported")
-    x = _pad_past_lengths(x, frames, reflect=pad == 1 and conv.padding_mode == "reflect")
-    output = conv(x)
-    if stride > 1:
-        frames = torch.div(frames + 2 * pad - dilation * (kernel - 1) - 1, stride, rounding_mode="floor") + 1
-    return output, frames
+        raise NotImplementedError("ConvolutionFrontEnd: at most one frame of time padding is supported")
+    return pad
+
+
+def _output_frames(conv, frames):
+    """Valid output frames of the Conv2d ``conv`` on ``frames`` valid input frames (int or tensor)."""
+    kernel, stride, dilation = conv.kernel_size[-1], conv.stride[-1], conv.dilation[-1]
+    if stride == 1:  # "same" padding keeps the frames
+        return frames
+    return (frames + 2 * _time_padding(conv) - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _convolve_valid_frames(conv, x, frames):
+    """One ``Conv2d`` (time on axis 1 of x) on the first ``frames`` frames of each row of x."""
+    reflect = _time_padding(conv) == 1 and conv.padding_mode == "reflect"
+    return conv(_pad_past_lengths(x, frames, reflect))
 
 
 def _pad_past_lengths(x, frames, reflect):

@@ -75,8 +75,9 @@ class Seq2SeqModel(nn.Module):
         decoder_out (batch, target_time, d_model).
         """
         encoder_out = self.encode(src, wav_lens)
-        enc_lens = torch.round(wav_lens * encoder_out.shape[1]).int()
-        return encoder_out, self.decode(tokens, encoder_out, enc_lens)[0]
+        frames = torch.round(wav_lens * encoder_out.shape[1])
+        memory_padding = torch.arange(encoder_out.shape[1], device=encoder_out.device) >= frames[:, None]
+        return encoder_out, self.teacher_forced(tokens, encoder_out, memory_padding)
 
     def encode(self, src, wav_lens):
         """src: front-end output (batch, time, ...); wav_lens (batch,) relative. -> (batch, time, d_model)."""
@@ -94,15 +95,25 @@ class Seq2SeqModel(nn.Module):
         memory_padding = None
         if enc_lens is not None:
             memory_padding = ~length_to_mask(enc_lens, max_len=encoder_out.shape[1]).bool()
-        outputs = self.decoder(
+        outputs = self._decoder_outputs(tokens, encoder_out, memory_padding)
+        # TransformerDecoder: (output, self-attentions, cross-attentions); MambaDecoder: (output, None)
+        cross_attention = outputs[2][-1] if len(outputs) == 3 else None
+        return outputs[0], cross_attention
+
+    def teacher_forced(self, tokens, encoder_out, memory_padding):
+        """The decoder's output (batch, target_time, d_model) for tokens (batch, target_time) starting with
+        bos, encoder_out (batch, time, d_model) and memory_padding (batch, time), True at padded frames:
+        the training pass that :func:`modules.training.cuda_graphs.use_cuda_graphs` can record as one graph."""
+        return self._decoder_outputs(tokens, encoder_out, memory_padding)[0]
+
+    def _decoder_outputs(self, tokens, encoder_out, memory_padding):
+        """The decoder's outputs over the embedded tokens, causally masked."""
+        return self.decoder(
             self._embed(tokens),
             encoder_out,
             tgt_mask=get_lookahead_mask(tokens),
             memory_key_padding_mask=memory_padding,
         )
-        # TransformerDecoder: (output, self-attentions, cross-attentions); MambaDecoder: (output, None)
-        cross_attention = outputs[2][-1] if len(outputs) == 3 else None
-        return outputs[0], cross_attention
 
     def init_cache(self, encoder_out, enc_lens):
         """Decoder cache after reading the encoder output (batch, time, d_model) of valid lengths enc_lens."""

@@ -48,7 +48,7 @@ from modules.training.recipe import (
 # Every key of the yaml that this recipe reads: checked before any work is done
 # (tests/test_config_checks.py keeps the list complete).
 REQUIRED_HPARAMS = """
-    avg_checkpoints bad_data blank_index bos_index cer_computer character_coverage checkpointer
+    CNN avg_checkpoints bad_data blank_index bos_index cer_computer character_coverage checkpointer
     compile_layers compute_features cuda_graphs ctc_cost data_folder dev_splits dynamic_batch_sampler_train
     dynamic_batch_sampler_valid dynamic_batching encoder eos_index epoch_counter error_rate_computer
     fea_augment log_softmax max_duration model model_opt_class modules ngram_lm_file ngram_order

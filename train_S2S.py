@@ -55,9 +55,9 @@ logger = logging.getLogger(__name__)
 # Every key of the yaml that this recipe reads: checked before any work is done
 # (tests/test_config_checks.py keeps the list complete).
 REQUIRED_HPARAMS = """
-    acc_computer avg_checkpoints bad_data bos_index character_coverage checkpointer compile_layers
+    CNN acc_computer avg_checkpoints bad_data bos_index character_coverage checkpointer compile_layers
     compute_features ctc_cost ctc_scorer cuda_graphs ctc_weight ctc_weight_decode data_folder dev_splits
-    dynamic_batch_sampler_train dynamic_batch_sampler_valid dynamic_batching encoder eos_index
+    dynamic_batch_sampler_train dynamic_batch_sampler_valid dynamic_batching encoder encoder_decoder eos_index
     epoch_counter error_rate_computer fea_augment lm_file lm_model lm_scorer lm_weight log_softmax
     max_duration model model_opt_class modules noam_annealing num_workers output_folder
     output_neurons sample_rate select_n_sentences seq_cost skip_prep sorting speech_encoder speed_perturb test_csv
@@ -239,7 +239,7 @@ if __name__ == "__main__":
     asr_brain.build_test_search(scorer=build_test_scorer(hparams, asr_brain.device))
 
     train_loader_kwargs, valid_loader_kwargs = loader_options(hparams, train_data, valid_data)
-    speed_up_training(hparams)  # the yaml's compile_layers or cuda_graphs
+    speed_up_training(hparams, seq2seq=hparams["encoder_decoder"])  # the yaml's compile_layers or cuda_graphs
     asr_brain.fit(
         asr_brain.hparams.epoch_counter,
         train_data,

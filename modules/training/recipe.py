@@ -18,7 +18,7 @@ from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from modules.training.checkpointing import average_checkpoints
-from modules.training.cuda_graphs import use_cuda_graphs
+from modules.training.cuda_graphs import GraphedTeacherForcing, use_cuda_graphs
 from modules.training.data_checks import (
     BadDataError,
     collate_readable,
@@ -269,16 +269,21 @@ class RecipeBrain(sb.Brain):
                 self.wer_metric.write_stats(w)
 
 
-def speed_up_training(hparams):
+def speed_up_training(hparams, seq2seq=None):
     """Applies the yaml's ``compile_layers`` (:func:`compile_layers` on ``encoder``, dynamic shapes) or
-    ``cuda_graphs`` (:func:`modules.training.cuda_graphs.use_cuda_graphs` on ``speech_encoder``);
-    eager training when both are False."""
+    ``cuda_graphs`` (:func:`modules.training.cuda_graphs.use_cuda_graphs` on ``speech_encoder``, on
+    the ``CNN`` front-end, whose buckets of 128 feature frames give 32 encoder frames after the
+    yamls' two stride-2 blocks, and on the teacher-forced decoding of ``seq2seq``, a
+    :class:`modules.models.seq2seq.Seq2SeqModel`, if given); eager training when both are False."""
     if hparams["compile_layers"] and hparams["cuda_graphs"]:
         raise ValueError("compile_layers and cuda_graphs are alternatives: set one of them to False")
     if hparams["compile_layers"]:
         compile_layers(hparams["encoder"], dynamic=True)
-    if hparams["cuda_graphs"]:
-        use_cuda_graphs(hparams["speech_encoder"])
+    if hparams["cuda_graphs"] and use_cuda_graphs(hparams["speech_encoder"]):
+        CNN = hparams["CNN"]
+        use_cuda_graphs(CNN, output_frames=CNN.output_frames, frame_multiple=128)
+        if seq2seq is not None:
+            use_cuda_graphs(seq2seq, GraphedTeacherForcing)
 
 
 def compile_layers(encoder, **options):

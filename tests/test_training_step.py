@@ -1,6 +1,6 @@
 """The training step that does not wait for the GPU: the running loss (modules/training/running_mean.py),
-RecipeBrain's use of it, its skipping of NaN steps on the device, and bench/recipe_speed.py timing a real
-recipe."""
+RecipeBrain's use of it, its skipping of NaN steps on the device, host tensors copied to the device
+(modules/training/device_copies.py), and bench/recipe_speed.py timing a real recipe."""
 
 import os
 
@@ -12,6 +12,7 @@ from recipe_runs import ROOT, run_tiny_ctc
 from hyperpyyaml import load_hyperpyyaml
 
 from modules.models.front_end import encoder_input
+from modules.training.device_copies import to_device
 from modules.training.recipe import RecipeBrain, audio_on_device
 from modules.training.running_mean import DeviceRunningMean
 
@@ -32,6 +33,26 @@ def test_running_mean_carries_on_a_saved_mean(device):
     running = DeviceRunningMean(start_mean=2.0, start_count=3)  # 3 steps of mean 2 before a restart
     running.add(torch.tensor(6.0, device=device, dtype=torch.bfloat16))
     assert running.mean() == 3.0
+
+
+def queued_gpu_work():
+    """An event that the GPU reaches after about a second of work queued now: still pending when the
+    host comes back from calls that did not wait for the GPU."""
+    torch.cuda._sleep(2_000_000_000)  # clock cycles
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_device_copies_a_host_tensor_and_does_not_wait_for_the_gpu(device):
+    host = torch.arange(6).view(2, 3)
+    to_device(host, device)  # the first copy to a GPU sets up its page-locked memory
+    pending = queued_gpu_work() if device == "cuda" else None
+    copied = to_device(host, device)
+    if pending is not None:
+        assert not pending.query()  # a copy from pageable memory may wait for the queued work
+    assert copied.device.type == device and copied.tolist() == host.tolist()
 
 
 def tiny_brain():
@@ -148,6 +169,7 @@ def test_the_training_front_end_queues_its_work_without_waiting_for_the_gpu(tmp_
     # update waits for the GPU: it ends after the first epochs); the second must not wait
     for epoch in (0, hparams["norm_update_until_epoch"]):
         batch = sb.dataio.batch.PaddedBatch(examples).pin_memory()
+        pending = queued_gpu_work()
         torch.cuda.set_sync_debug_mode("error" if epoch else "default")
         try:
             wavs, wav_lens = audio_on_device(batch, device, hparams["speed_perturb"])
@@ -155,6 +177,9 @@ def test_the_training_front_end_queues_its_work_without_waiting_for_the_gpu(tmp_
                                           augment=hparams["fea_augment"], epoch=epoch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        if epoch:  # the sync debug mode misses the waits of copies from pageable memory; this sees them
+            assert not pending.query()
+        torch.cuda.synchronize()  # the next epoch reuses this one's page-locked memory
     assert src.shape[0] == 3 and src_lens.max() == 1.0
 
 

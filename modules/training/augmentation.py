@@ -6,11 +6,14 @@ same per-utterance draw (SpeechBrain's ``SpeedPerturb`` draws one speed per call
 would give all its utterances the same speed). :class:`FeatureAugmenter` is SpeechBrain's feature
 ``Augmenter`` (SpecAugment's masks) with its random draws made on the CPU: SpeechBrain's reads them
 back from the GPU, and every such read makes the host wait until the GPU has caught up.
+Both copy their CPU draws to the device through page-locked memory (:mod:`.device_copies`).
 """
 
 import torch
 from speechbrain.augment.freq_domain import SpectrogramDrop
 from speechbrain.augment.time_domain import SpeedPerturb
+
+from modules.training.device_copies import to_device
 
 
 class UtteranceSpeedPerturb(SpeedPerturb):
@@ -47,13 +50,13 @@ class UtteranceSpeedPerturb(SpeedPerturb):
         orig_freq = torch.tensor([resampler.orig_freq for resampler in self.resamplers])[choice]
         new_samples = (samples * new_freq + orig_freq - 1) // orig_freq  # the resampler's ceil
         out = wavs.new_zeros(wavs.shape[0], int(new_samples.max()))
-        ends = new_samples.to(wavs.device, non_blocking=True)
+        ends = to_device(new_samples, wavs.device)
         for index, resampler in enumerate(self.resamplers):
             rows = (choice == index).nonzero().squeeze(1)
             if len(rows) == 0:
                 continue
             length = int(samples[rows].max())
-            rows = rows.to(wavs.device, non_blocking=True)
+            rows = to_device(rows, wavs.device)
             resampled = resampler(wavs[rows, :length])
             valid = torch.arange(resampled.shape[1], device=wavs.device) < ends[rows, None]  # zeros past the end
             out[rows, : resampled.shape[1]] = resampled * valid
@@ -112,7 +115,7 @@ class FeatureAugmenter(torch.nn.Module):
         length = torch.randint(drop.drop_length_low, drop.drop_length_high, (batch, count, 1))
         start = torch.randint(0, max(1, size), (batch, count, 1))  # as SpeechBrain's: masks may run past the end
         position = torch.arange(size, device=feats.device).view(1, 1, -1)
-        start, end = start.to(feats.device, non_blocking=True), (start + length).to(feats.device, non_blocking=True)
+        start, end = to_device(start, feats.device), to_device(start + length, feats.device)
         masked = ((start <= position) & (position < end)).any(dim=1)
         masked = masked.unsqueeze(2) if drop.dim == 1 else masked.unsqueeze(1)
         value = feats.mean().detach() if drop.replace == "mean" else feats.new_zeros(())

@@ -26,6 +26,7 @@ from modules.training.data_checks import (
     read_checked_audio,
     read_manifest,
 )
+from modules.training.device_copies import to_device
 from modules.training.running_mean import DeviceRunningMean, HostCopy
 from modules.training.sentencepiece_models import ALPHABET, train_sentencepiece
 
@@ -461,7 +462,7 @@ def audio_on_device(batch, device, speed_perturb=None):
     if speed_perturb is None:
         return batch.sig
     wavs, wav_lens = speed_perturb(batch.sig[0], wav_lens)
-    return wavs, wav_lens.to(device, non_blocking=True)
+    return wavs, to_device(wav_lens, device)
 
 
 def add_audio_pipeline(hparams, datasets):

@@ -11,6 +11,10 @@ included. On CUDA it samples NVML's utilisation every 50 ms (the share of the la
 which a kernel ran) and reports its mean over each training stage: below 100 % the GPU waited for the
 host (data loading, Python, launches, synchronisations).
 
+The last column counts the buckets of batch shapes whose CUDA graphs (``cuda_graphs: True``, forward
+and backward, of each graphed module) were recorded during each epoch, at their first batch, and the
+host time the recordings took out of the epoch.
+
 Each epoch's first steps wait for the loader's workers to start and read their first batches, a fixed
 cost of each epoch that a small corpus's few steps magnify (a LibriSpeech epoch has thousands of steps).
 So the rate and utilisation are also given for the steady part of each epoch: after its first
@@ -38,6 +42,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from modules.training.cuda_graphs import installed_graphs  # noqa: E402
 from modules.training.recipe import RecipeBrain  # noqa: E402
 
 
@@ -174,7 +179,9 @@ def instrument(epochs, syncs, profiler=None):
         if stage == sb.Stage.TRAIN and current:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            epochs.append(dict(current, end=time.perf_counter()))
+            graphs = installed_graphs(brain.modules)
+            recorded = (sum(len(g.graphs) for g in graphs), sum(g.recording_seconds for g in graphs))
+            epochs.append(dict(current, end=time.perf_counter(), recorded=recorded))
             current.clear()
         return on_stage_end(brain, stage, *args, **kwargs)
 
@@ -190,9 +197,11 @@ def report(epochs, sampler, syncs, profiler=None, settle=5):
 
     lines = list(profiler.tables) if profiler is not None else []
     lines += [
-        "| epoch | training steps | seconds | steps/s | mean GPU utilisation | steady steps/s | steady GPU utilisation |",
-        "|---|---|---|---|---|---|---|",
+        "| epoch | training steps | seconds | steps/s | mean GPU utilisation | steady steps/s | steady GPU utilisation "
+        "| buckets recorded as CUDA graphs (host s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    before = (0, 0.0)  # graphs recorded and their host time up to the previous epoch
     for e in epochs:
         seconds = e["end"] - e["start"]
         row = f"| {e['epoch']} | {e['steps']} | {seconds:.2f} | {e['steps'] / seconds:.2f} | "
@@ -202,6 +211,9 @@ def report(epochs, sampler, syncs, profiler=None, settle=5):
             row += f" | {(e['steps'] - settle) / (e['end'] - settled):.2f} | {utilisation(settled, e['end'])} |"
         else:
             row += " | n/a | n/a |"
+        graphs, seconds = (now - then for now, then in zip(e["recorded"], before))
+        row += f" {graphs} ({seconds:.1f} s) |"
+        before = e["recorded"]
         lines.append(row)
     if epochs:
         e = epochs[-1]

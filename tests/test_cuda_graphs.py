@@ -28,6 +28,7 @@ from modules.training.cuda_graphs import (
     FlatGradients,
     GraphedEncoding,
     GraphedTeacherForcing,
+    installed_graphs,
     pad_batch,
     use_cuda_graphs,
 )
@@ -205,6 +206,8 @@ def test_one_graph_a_bucket_and_eager_past_max_graphs_or_without_gradients(caplo
     for size, frames in [(3, 13), (4, 16), (2, 9), (5, 9)]:  # buckets (4, 16), (4, 16), (4, 16), (8, 16)
         model(*batch(size, frames))
     assert recorder.shapes == [(4, 16, 12), (8, 16, 12)]
+    recording_seconds = model.encode.recording_seconds  # the host time of the recordings, for recipe_speed
+    assert recording_seconds > 0 and installed_graphs(model) == [model.encode]
     with caplog.at_level(logging.INFO, logger="modules.training.cuda_graphs"):
         for _ in range(2):
             out = model(*batch(1, 30))  # a third bucket: eager, logged once
@@ -214,7 +217,7 @@ def test_one_graph_a_bucket_and_eager_past_max_graphs_or_without_gradients(caplo
         model(*batch(3, 40))
     model.eval()
     model(*batch(3, 40))
-    assert len(recorder.shapes) == 2
+    assert len(recorder.shapes) == 2 and model.encode.recording_seconds == recording_seconds
 
 
 def test_flat_gradients_set_then_accumulate_the_parameters_gradients_and_skip_unused_ones():
@@ -267,6 +270,8 @@ def test_the_recipes_apply_one_speed_option_and_stay_eager_without_cuda_or_with_
     assert CNN.encode.output_frames(128) == CNN.output_frames(128) == 32 == CNN.encode.frame_multiple // 4
     assert isinstance(model_s2s.teacher_forced, GraphedTeacherForcing)
     assert model_s2s.teacher_forced.eager == eager_teacher_forced
+    installed = installed_graphs(torch.nn.ModuleList([model, CNN, model_s2s]))
+    assert sorted(map(id, installed)) == sorted(map(id, [model.encode, CNN.encode, model_s2s.teacher_forced]))
 
 
 def eager_and_graphed(build, *graphs, **options):

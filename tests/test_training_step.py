@@ -191,13 +191,15 @@ def test_recipe_speed_times_the_epochs_of_a_real_recipe(tmp_path):
         launcher=(os.path.join(ROOT, "bench", "recipe_speed.py"),),
     )
     lines = proc.stdout.splitlines()
-    header = "| epoch | training steps | seconds | steps/s | mean GPU utilisation | steady steps/s | steady GPU utilisation |"
+    header = ("| epoch | training steps | seconds | steps/s | mean GPU utilisation | steady steps/s | steady GPU utilisation "
+              "| buckets recorded as CUDA graphs (host s) |")
     table = lines[lines.index(header) :]
     epochs = [line.split("|")[1:-1] for line in table[2:4]]
     assert [int(e[0]) for e in epochs] == [1, 2]
     assert all(int(e[1]) > 0 and float(e[2]) > 0 and e[4].strip() == "n/a" for e in epochs)  # no GPU here
     # the steady rate leaves out each epoch's first 5 steps, which a tiny epoch may not have
     assert all(e[5].strip() == "n/a" if int(e[1]) <= 5 else float(e[5]) > 0 for e in epochs)
+    assert all(e[7].strip() == "0 (0.0 s)" for e in epochs)  # graphs are recorded on a GPU only
     phases = table[table.index(next(line for line in table if line.startswith("host time per step"))) + 1 :]
     assert [line.split("ms  ")[1] for line in phases[:5]] == [
         "compute_forward", "compute_objectives", "optimizers_step", "backward and the rest of the step",

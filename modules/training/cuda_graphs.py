@@ -21,6 +21,7 @@ validation, test and inference run eager.
 """
 
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +194,7 @@ class BucketedGraphs:
     def __init__(self, module, eager, max_graphs, capture):
         self.module, self.eager, self.max_graphs, self.capture = module, eager, max_graphs, capture
         self.graphs, self.pool, self.stream, self.gradient_buffer, self.full_logged = {}, None, None, None, False
+        self.recording_seconds = 0.0  # the host time spent recording the graphs (bench/recipe_speed.py)
 
     def training_step(self):
         """Whether this call is part of a training step (gradients on, module in training mode)."""
@@ -222,9 +224,11 @@ class BucketedGraphs:
         if self.pool is None and inputs[0].is_cuda:
             self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
         enabled, dtype = autocast
+        start = time.perf_counter()
         with torch.autocast(inputs[0].device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
             params = tuple(self.module.parameters())
             graphed = self.capture(self.eager, params, inputs, self.pool, self.stream, self.gradient_buffer)
+        self.recording_seconds += time.perf_counter() - start
         self.gradient_buffer = graphed.gradient_buffer
         return graphed
 
@@ -299,6 +303,11 @@ class GraphedTeacherForcing(BucketedGraphs):
             return pad_tokens(tokens, padded_batch, bucket[1]), memory, padding
 
         return self.replay(bucket, (tokens, encoder_out, memory_padding), pad)[:batch, :length]
+
+
+def installed_graphs(module):
+    """The :class:`BucketedGraphs` that :func:`use_cuda_graphs` installed on ``module`` or its submodules."""
+    return [graphs for m in module.modules() for graphs in vars(m).values() if isinstance(graphs, BucketedGraphs)]
 
 
 def use_cuda_graphs(module, graphs=GraphedEncoding, **options):

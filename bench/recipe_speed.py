@@ -22,7 +22,10 @@ So the rate and utilisation are also given for the steady part of each epoch: af
 
 With ``--syncs`` every host-device synchronisation made inside a training step is counted by the line
 of code that made it (``torch.cuda.set_sync_debug_mode``); a sync stops the host from queueing work
-ahead of the GPU. ``bench/profile_recipe.py`` shows what the GPU does during the steps.
+ahead of the GPU. So is every read of pageable host memory onto the GPU, before which the driver may
+wait for the GPU (CUDA Runtime API reference, "API synchronization behavior"), a wait that the sync
+debug mode does not report; every ATen call then goes through Python, so such a run's times are not
+the recipe's. ``bench/profile_recipe.py`` shows what the GPU does during the steps.
 """
 
 import argparse
@@ -38,6 +41,8 @@ from collections import Counter
 
 import speechbrain as sb
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -69,29 +74,65 @@ class UtilisationSampler(threading.Thread):
         return sum(inside) / len(inside) if inside else None
 
 
+def call_site():
+    """The innermost line of repository or SpeechBrain code (outside bench/) on the caller's stack."""
+    stack = traceback.extract_stack()[:-2]
+    ours = [f for f in stack if f.filename.startswith(ROOT) and "bench" not in f.filename]
+    library = [f for f in stack if f"{os.sep}speechbrain{os.sep}" in f.filename]
+    frame = (ours or library or stack)[-1]
+    return f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno} {frame.line}"
+
+
+def pageable_upload(func, args, kwargs):
+    """Whether the ATen call ``func(*args, **kwargs)`` reads a tensor of pageable host memory onto a GPU:
+    a copy to a GPU (``_to_copy``, ``copy_``) or an operation of GPU tensors given a CPU one (e.g. an
+    index), 0-dim CPU tensors aside (passed as values)."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]  # lists too (indices)
+    if func is torch.ops.aten._to_copy.default:
+        to_gpu = torch.device(kwargs.get("device") or tensors[0].device).type == "cuda"
+    else:
+        to_gpu = any(t.device.type == "cuda" for t in tensors)
+    return to_gpu and any(t.device.type == "cpu" and t.dim() > 0 and not t.is_pinned() for t in tensors)
+
+
+class PageableUploads(TorchDispatchMode):
+    """Counts in ``sites`` the ATen calls that read pageable host memory onto a GPU (:func:`pageable_upload`),
+    by :func:`call_site`."""
+
+    def __init__(self, sites):
+        super().__init__()
+        self.sites = sites
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if pageable_upload(func, args, kwargs):
+            self.sites[call_site()] += 1
+        return func(*args, **kwargs)
+
+
 class SyncCounter:
-    """Counts the host-device synchronisations made while active, by the innermost line of repository or
-    SpeechBrain code that made them."""
+    """Counts, while active, the host-device synchronisations (``torch.cuda.set_sync_debug_mode``) and the
+    reads of pageable host memory onto the GPU (:class:`PageableUploads`; the driver may first wait for
+    the GPU, which the sync debug mode does not report), each by the line of code that made it."""
 
     def __init__(self):
-        self.sites, self.active, self.steps = Counter(), False, 0
+        self.sites, self.uploads, self.active, self.steps = Counter(), Counter(), False, 0
 
     def __enter__(self):
         self.active = True
         torch.cuda.set_sync_debug_mode("warn")
+        self.mode = PageableUploads(self.uploads)
+        self.mode.__enter__()
 
     def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
         torch.cuda.set_sync_debug_mode("default")
         self.active = False
 
     def record(self, message, category, filename, lineno, file=None, line=None):
         if not (self.active and "synchroniz" in str(message)):
             return self.show(message, category, filename, lineno, file, line)
-        stack = traceback.extract_stack()[:-1]
-        ours = [f for f in stack if f.filename.startswith(ROOT) and "bench" not in f.filename]
-        library = [f for f in stack if f"{os.sep}speechbrain{os.sep}" in f.filename]
-        frame = (ours or library or stack)[-1]
-        self.sites[f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno} {frame.line}"] += 1
+        self.sites[call_site()] += 1
 
     def install(self):
         self.show = warnings.showwarning
@@ -233,6 +274,12 @@ def report(epochs, sampler, syncs, profiler=None, settle=5):
         if not syncs.sites:
             lines.append("  none")
         for site, count in syncs.sites.most_common():
+            lines.append(f"  {count / steps:6.2f}  {site}")
+        lines.append("reads of pageable host memory onto the GPU inside training steps, per step (the driver may "
+                     "wait for the GPU first):")
+        if not syncs.uploads:
+            lines.append("  none")
+        for site, count in syncs.uploads.most_common():
             lines.append(f"  {count / steps:6.2f}  {site}")
     return lines
 

@@ -2,7 +2,9 @@
 RecipeBrain's use of it, its skipping of NaN steps on the device, host tensors copied to the device
 (modules/training/device_copies.py), and bench/recipe_speed.py timing a real recipe."""
 
+import collections
 import os
+import sys
 
 import pytest
 import speechbrain as sb
@@ -208,3 +210,25 @@ def test_recipe_speed_times_the_epochs_of_a_real_recipe(tmp_path):
     steady = ["between steps after the first 5"] if int(epochs[-1][1]) > 5 else []
     assert [line.split("ms  ")[1] for line in phases[5:]] == steady
     assert float(phases[0].split("ms")[0]) > 0  # the forward takes host time
+
+
+def test_recipe_speed_spots_reads_of_pageable_memory_onto_a_gpu():
+    sys.path.insert(0, ROOT)
+    from bench.recipe_speed import PageableUploads, pageable_upload
+
+    aten = torch.ops.aten
+    host, scalar = torch.arange(4), torch.tensor(2)
+    assert pageable_upload(aten._to_copy.default, (host,), {"device": torch.device("cuda"), "non_blocking": True})
+    assert not pageable_upload(aten._to_copy.default, (host,), {"dtype": torch.float})  # stays on the CPU
+    assert not pageable_upload(aten._to_copy.default, (scalar,), {"device": torch.device("cuda")})  # a value
+    assert not pageable_upload(aten.add.Tensor, (host, host), {})  # CPU work
+    if torch.cuda.is_available():
+        gpu = torch.zeros(4, device="cuda")
+        assert pageable_upload(aten.copy_.default, (gpu, host), {})
+        assert pageable_upload(aten.index.Tensor, (gpu, [host]), {})  # indices, in a list, copied to the GPU
+        assert not pageable_upload(aten.copy_.default, (gpu, host.pin_memory()), {})
+        sites = collections.Counter()
+        with PageableUploads(sites):
+            host.to("cuda", non_blocking=True)
+            to_device(host, "cuda")  # through page-locked memory: not counted
+        assert list(sites.values()) == [1] and 'host.to("cuda", non_blocking=True)' in next(iter(sites))

@@ -115,7 +115,7 @@ class FeatureAugmenter(torch.nn.Module):
         length = torch.randint(drop.drop_length_low, drop.drop_length_high, (batch, count, 1))
         start = torch.randint(0, max(1, size), (batch, count, 1))  # as SpeechBrain's: masks may run past the end
         position = torch.arange(size, device=feats.device).view(1, 1, -1)
-        start, end = to_device(start, feats.device), to_device(start + length, feats.device)
+        start, end = to_device(torch.stack([start, start + length]), feats.device)  # one copy
         masked = ((start <= position) & (position < end)).any(dim=1)
         masked = masked.unsqueeze(2) if drop.dim == 1 else masked.unsqueeze(1)
         value = feats.mean().detach() if drop.replace == "mean" else feats.new_zeros(())

@@ -230,7 +230,7 @@ def instrument(epochs, syncs, profiler=None):
 
 
 def report(epochs, sampler, syncs, profiler=None, settle=5):
-    """The results as text lines; the last two columns leave out each epoch's first ``settle`` steps."""
+    """The results as text lines; the steady columns leave out each epoch's first ``settle`` steps."""
 
     def utilisation(start, end):
         mean = sampler.mean_between(start, end) if sampler else None
@@ -252,8 +252,8 @@ def report(epochs, sampler, syncs, profiler=None, settle=5):
             row += f" | {(e['steps'] - settle) / (e['end'] - settled):.2f} | {utilisation(settled, e['end'])} |"
         else:
             row += " | n/a | n/a |"
-        graphs, seconds = (now - then for now, then in zip(e["recorded"], before))
-        row += f" {graphs} ({seconds:.1f} s) |"
+        graphs, recording = (now - then for now, then in zip(e["recorded"], before))
+        row += f" {graphs} ({recording:.1f} s) |"
         before = e["recorded"]
         lines.append(row)
     if epochs:
@@ -270,17 +270,14 @@ def report(epochs, sampler, syncs, profiler=None, settle=5):
             lines.append(f"  {1e3 * steady / (e['steps'] - settle):7.1f} ms  between steps after the first {settle}")
     if syncs is not None:
         steps = syncs.steps or 1
-        lines.append(f"host-device synchronisations inside training steps, per step ({steps} steps):")
-        if not syncs.sites:
-            lines.append("  none")
-        for site, count in syncs.sites.most_common():
-            lines.append(f"  {count / steps:6.2f}  {site}")
-        lines.append("reads of pageable host memory onto the GPU inside training steps, per step (the driver may "
-                     "wait for the GPU first):")
-        if not syncs.uploads:
-            lines.append("  none")
-        for site, count in syncs.uploads.most_common():
-            lines.append(f"  {count / steps:6.2f}  {site}")
+        titles = {
+            f"host-device synchronisations inside training steps, per step ({steps} steps):": syncs.sites,
+            "reads of pageable host memory onto the GPU inside training steps, per step (the driver may wait for "
+            "the GPU first):": syncs.uploads,
+        }
+        for title, sites in titles.items():
+            lines.append(title)
+            lines += [f"  {count / steps:6.2f}  {site}" for site, count in sites.most_common()] or ["  none"]
     return lines
 
 
